@@ -1,0 +1,5 @@
+"""`python -m glide` is the `glidefs` command."""
+
+from glide.cli import main
+
+raise SystemExit(main())

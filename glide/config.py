@@ -1,0 +1,158 @@
+"""Configuration: a TOML file, overridden by command-line flags, validated once.
+
+Every setting has a default that serves one host, so `glidefs serve` with no
+arguments runs. Sizes accept "256M", "1GiB", "4096"; durations "5s", "250ms".
+Validation happens here, before anything touches the data directory, so a bad
+config is a clear message and an exit code, never a half-started daemon.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BLOCK_SIZE = 4096
+DEFAULT_TCP = "127.0.0.1:10809"
+VOLUME_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(i?B)?\s*$", re.IGNORECASE)
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message meant for the operator."""
+
+
+def parse_size(value: str | int, what: str) -> int:
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{what}: size must not be negative")
+        return value
+    m = _SIZE_RE.match(str(value))
+    if not m:
+        raise ConfigError(f"{what}: cannot read {value!r} as a size (examples: 4096, 256M, 1GiB)")
+    n = int(m.group(1))
+    unit = m.group(2).upper()
+    return n << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50}[unit]
+
+
+def parse_duration(value: str | int | float, what: str) -> float:
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        m = _DURATION_RE.match(str(value))
+        if not m:
+            raise ConfigError(f"{what}: cannot read {value!r} as a duration (examples: 5s, 250ms)")
+        seconds = float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
+    if seconds <= 0:
+        raise ConfigError(f"{what}: duration must be positive")
+    return seconds
+
+
+def default_data_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/glidefs")
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "glidefs"
+
+
+@dataclass
+class VolumeConfig:
+    name: str
+    size: int
+
+
+@dataclass
+class Config:
+    data_dir: Path = field(default_factory=default_data_dir)
+    nbd_unix: str | None = None  # None: <data_dir>/nbd.sock
+    nbd_tcp: str | None = DEFAULT_TCP
+    volumes: list[VolumeConfig] = field(default_factory=list)
+    wal_budget: int = 1 << 30
+    wal_segment_size: int = 64 << 20
+    checkpoint_interval: float = 5.0
+    handshake_timeout: float = 10.0
+    max_handshakes: int = 512
+    config_path: Path | None = None
+
+    def unix_socket_path(self) -> str:
+        return self.nbd_unix or str(self.data_dir / "nbd.sock")
+
+
+def parse_volume_spec(spec: str) -> VolumeConfig:
+    name, sep, size = spec.partition(":")
+    if not sep:
+        raise ConfigError(f"--volume {spec!r}: expected NAME:SIZE, for example vm1:20G")
+    return VolumeConfig(name=name, size=parse_size(size, f"volume {name}"))
+
+
+def parse_hostport(value: str, what: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not (0 < int(port) < 65536):
+        raise ConfigError(f"{what}: expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def load_file(path: Path) -> Config:
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file {path} does not exist") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path}: {e}") from e
+    cfg = Config(config_path=path)
+    known = {"data_dir", "nbd", "cache", "volume"}
+    unknown = set(raw) - known
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown keys {sorted(unknown)}")
+    if "data_dir" in raw:
+        cfg.data_dir = Path(raw["data_dir"])
+    nbd = raw.get("nbd", {})
+    if "unix" in nbd:
+        cfg.nbd_unix = nbd["unix"] or None
+    if "tcp" in nbd:
+        cfg.nbd_tcp = nbd["tcp"] or None
+    if "handshake_timeout" in nbd:
+        cfg.handshake_timeout = parse_duration(nbd["handshake_timeout"], "nbd.handshake_timeout")
+    cache = raw.get("cache", {})
+    if "wal_budget" in cache:
+        cfg.wal_budget = parse_size(cache["wal_budget"], "cache.wal_budget")
+    if "wal_segment_size" in cache:
+        cfg.wal_segment_size = parse_size(cache["wal_segment_size"], "cache.wal_segment_size")
+    if "checkpoint_interval" in cache:
+        cfg.checkpoint_interval = parse_duration(
+            cache["checkpoint_interval"], "cache.checkpoint_interval"
+        )
+    for i, vol in enumerate(raw.get("volume", [])):
+        if "name" not in vol or "size" not in vol:
+            raise ConfigError(f"config file {path}: [[volume]] #{i + 1} needs name and size")
+        cfg.volumes.append(VolumeConfig(vol["name"], parse_size(vol["size"], f"volume {vol['name']}")))
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    if not cfg.volumes:
+        cfg.volumes.append(VolumeConfig("default", 1 << 30))
+    seen: set[str] = set()
+    for v in cfg.volumes:
+        if not VOLUME_NAME_RE.match(v.name):
+            raise ConfigError(
+                f"volume name {v.name!r}: use 1-64 letters, digits, '.', '_' or '-'"
+            )
+        if v.name in seen:
+            raise ConfigError(f"volume {v.name!r} is configured twice")
+        seen.add(v.name)
+        if v.size <= 0 or v.size % BLOCK_SIZE:
+            raise ConfigError(f"volume {v.name!r}: size must be a positive multiple of 4096")
+    if cfg.wal_segment_size < (32 << 20) + 128:
+        raise ConfigError("cache.wal_segment_size must be at least 33 MiB (one maximal write)")
+    if cfg.wal_budget < 2 * cfg.wal_segment_size:
+        raise ConfigError("cache.wal_budget must be at least twice cache.wal_segment_size")
+    if cfg.nbd_tcp:
+        parse_hostport(cfg.nbd_tcp, "nbd.tcp")
+    sock = cfg.unix_socket_path()
+    if len(sock.encode()) >= 108:
+        raise ConfigError(f"NBD unix socket path is too long for AF_UNIX (max 107 bytes): {sock}")

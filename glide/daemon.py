@@ -1,0 +1,339 @@
+"""The glidefs daemon: owns the data directory, the volumes and the listeners.
+
+Concurrency model: one asyncio event loop (listeners, NBD handshakes, signals)
+plus one checkpoint thread. Neither touches the I/O path: after a handshake the
+connection belongs to a C thread. The `Daemon` object is the only mutable
+global state.
+
+Keeps:
+  - at most one daemon per data directory (an flock held for the process's
+    life; the kernel drops it on any death, kill -9 included);
+  - shutdown order: stop accepting, drain connections (in-flight requests are
+    answered), checkpoint every volume, close. Nothing acknowledged is lost on
+    any path, and a kill -9 at any moment is recovered by WAL replay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import select
+import signal
+import socket
+import stat
+import threading
+import time
+from pathlib import Path
+
+from glide import _native
+from glide.config import Config, parse_hostport
+from glide.nbd_handshake import Export, negotiate_and_attach
+
+log = logging.getLogger("glide.daemon")
+
+
+class DataDirInUse(RuntimeError):
+    pass
+
+
+class DataDirLock:
+    """An exclusive flock on <data_dir>/lock that names its holder's pid."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / "lock"
+        self.fd = -1
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise DataDirInUse(
+                    f"data directory {self.path.parent} is in use by another glidefs "
+                    f"(pid {holder})"
+                ) from e
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Checkpointer(threading.Thread):
+    """Checkpoints volumes when their WAL passes half its budget or has held
+    dirty data for `interval` seconds. Until the object store exists, the
+    cache file is the durable home, so a checkpoint is what lets WAL segments
+    go (and what releases writers waiting on backpressure)."""
+
+    def __init__(self, volumes: dict[str, _native.Volume], interval: float) -> None:
+        super().__init__(name="checkpointer", daemon=True)
+        self.volumes = volumes
+        self.interval = interval
+        self.stop_r, self.stop_w = os.pipe()
+        self.failures: dict[str, int] = {}
+
+    def stop(self) -> None:
+        os.write(self.stop_w, b"x")
+        self.join()
+        os.close(self.stop_r)
+        os.close(self.stop_w)
+
+    def run(self) -> None:
+        poller = select.poll()
+        poller.register(self.stop_r, select.POLLIN)
+        by_fd = {}
+        for name, vol in self.volumes.items():
+            fd = vol.pressure_fd()
+            by_fd[fd] = name
+            poller.register(fd, select.POLLIN)
+        last = {name: time.monotonic() for name in self.volumes}
+        while True:
+            events = poller.poll(self.interval * 1000 / 2)
+            urgent = set()
+            for fd, _ in events:
+                if fd == self.stop_r:
+                    return
+                with contextlib.suppress(BlockingIOError):
+                    os.read(fd, 8)
+                urgent.add(by_fd[fd])
+            now = time.monotonic()
+            for name, vol in self.volumes.items():
+                if name not in urgent and now - last[name] < self.interval:
+                    continue
+                if vol.stats()["dirty_blocks"] == 0:
+                    last[name] = now
+                    continue
+                self.checkpoint(name, vol)
+                last[name] = time.monotonic()
+
+    def checkpoint(self, name: str, vol: _native.Volume) -> None:
+        try:
+            t0 = time.monotonic()
+            st = vol.checkpoint()
+            self.failures.pop(name, None)
+            log.debug(
+                "checkpoint volume=%s cut_seq=%d blocks=%d zeroed=%d ms=%.1f", name,
+                st["cut_seq"], st["blocks_written"], st["blocks_zeroed"],
+                (time.monotonic() - t0) * 1000,
+            )
+        except OSError as e:
+            n = self.failures.get(name, 0) + 1
+            self.failures[name] = n
+            log.error("checkpoint failed volume=%s attempt=%d error=%s", name, n, e)
+
+
+class Daemon:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.lock = DataDirLock(cfg.data_dir)
+        self.volumes: dict[str, _native.Volume] = {}
+        self.exports: dict[str, Export] = {}
+        self.checkpointer: Checkpointer | None = None
+        self.servers: list[asyncio.AbstractServer] = []
+        self.listen_socks: list[socket.socket] = []
+        self.stop_event: asyncio.Event | None = None
+        self.handshake_slots: asyncio.Semaphore | None = None
+        self.handshakes: set[asyncio.Task] = set()
+
+    # ---- start-up ----
+
+    def open_volumes(self) -> None:
+        vdir = self.cfg.data_dir / "volumes"
+        vdir.mkdir(parents=True, exist_ok=True)
+        for vc in self.cfg.volumes:
+            t0 = time.monotonic()
+            vol = _native.Volume(
+                str(vdir / vc.name), vc.size, self.cfg.wal_budget, self.cfg.wal_segment_size
+            )
+            st = vol.stats()
+            log.info(
+                "opened volume=%s size=%d replayed_records=%d discarded_bytes=%d ms=%.1f",
+                vc.name, vc.size, st["replayed_records"], st["replay_discarded_bytes"],
+                (time.monotonic() - t0) * 1000,
+            )
+            if st["replay_discarded_bytes"]:
+                log.warning(
+                    "volume=%s: discarded %d bytes of torn or unacknowledged WAL tail",
+                    vc.name, st["replay_discarded_bytes"],
+                )
+            self.volumes[vc.name] = vol
+            self.exports[vc.name] = Export(
+                name=vc.name, size=vc.size, attach=self._attacher(vol),
+                description=f"glidefs volume {vc.name}",
+            )
+
+    @staticmethod
+    def _attacher(vol: _native.Volume):  # noqa: ANN205
+        def attach(fd: int, structured: bool, meta_id: int) -> None:
+            vol.serve_nbd(fd, structured, meta_id)
+        return attach
+
+    def _unix_listener(self, path: str) -> socket.socket:
+        p = Path(path)
+        if p.exists() or p.is_symlink():
+            if not stat.S_ISSOCK(p.lstat().st_mode):
+                raise RuntimeError(f"{path} exists and is not a socket; refusing to replace it")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+                raise RuntimeError(f"another server is listening on {path}")
+            except (ConnectionRefusedError, FileNotFoundError):
+                p.unlink(missing_ok=True)
+            finally:
+                probe.close()
+        p.parent.mkdir(parents=True, exist_ok=True)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(path)
+        os.chmod(path, 0o660)
+        s.listen(512)
+        s.setblocking(False)
+        return s
+
+    def _tcp_listener(self, spec: str) -> socket.socket:
+        host, port = parse_hostport(spec, "nbd.tcp")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            s.close()
+            raise RuntimeError(f"cannot listen on {spec}: {e.strerror}") from e
+        s.listen(512)
+        s.setblocking(False)
+        return s
+
+    async def _accept_loop(self, lsock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        assert self.handshake_slots is not None
+        default = self.cfg.volumes[0].name
+        while True:
+            await self.handshake_slots.acquire()
+            try:
+                conn, _ = await loop.sock_accept(lsock)
+            except OSError as e:
+                self.handshake_slots.release()
+                if e.errno in (errno.EMFILE, errno.ENFILE):
+                    log.error("accept: out of file descriptors; pausing 100 ms")
+                    await asyncio.sleep(0.1)
+                    continue
+                raise
+            if conn.family != socket.AF_UNIX:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.setblocking(False)
+            task = asyncio.create_task(
+                negotiate_and_attach(conn, self.exports, default, self.cfg.handshake_timeout)
+            )
+            self.handshakes.add(task)
+            task.add_done_callback(self._handshake_done)
+
+    def _handshake_done(self, task: asyncio.Task) -> None:
+        self.handshakes.discard(task)
+        assert self.handshake_slots is not None
+        self.handshake_slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("handshake task failed", exc_info=task.exception())
+
+    # ---- run ----
+
+    def run(self) -> int:
+        self.cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire()
+        try:
+            self.open_volumes()
+            return asyncio.run(self._main())
+        finally:
+            self._close_volumes()
+            self.lock.release()
+
+    async def _main(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.stop_event = asyncio.Event()
+        self.handshake_slots = asyncio.Semaphore(self.cfg.max_handshakes)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._request_stop, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._sighup)
+
+        unix_path = self.cfg.unix_socket_path()
+        self.listen_socks.append(self._unix_listener(unix_path))
+        if self.cfg.nbd_tcp:
+            self.listen_socks.append(self._tcp_listener(self.cfg.nbd_tcp))
+        accept_tasks = [asyncio.create_task(self._accept_loop(s)) for s in self.listen_socks]
+
+        self.checkpointer = Checkpointer(self.volumes, self.cfg.checkpoint_interval)
+        self.checkpointer.start()
+        self._announce(unix_path)
+
+        await self.stop_event.wait()
+        log.info("shutting down")
+        for t in accept_tasks:
+            t.cancel()
+        for s in self.listen_socks:
+            s.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(unix_path)
+        for t in list(self.handshakes):
+            t.cancel()
+        await asyncio.gather(*accept_tasks, *self.handshakes, return_exceptions=True)
+        await asyncio.to_thread(self._drain)
+        log.info("stopped cleanly")
+        return 0
+
+    def _announce(self, unix_path: str) -> None:
+        for vc in self.cfg.volumes:
+            gib = vc.size / (1 << 30)
+            print(f"glidefs: serving volume {vc.name} ({gib:.2f} GiB) from {self.cfg.data_dir}")
+        name = self.cfg.volumes[0].name
+        print("glidefs: connect with:")
+        print(f"glidefs:   nbdinfo 'nbd+unix:///{name}?socket={unix_path}'")
+        if self.cfg.nbd_tcp:
+            host, port = parse_hostport(self.cfg.nbd_tcp, "nbd.tcp")
+            print(f"glidefs:   qemu-io -f raw nbd://{host}:{port}/{name}")
+        print(f"glidefs: ready (pid {os.getpid()})", flush=True)
+        notify = os.environ.get("NOTIFY_SOCKET")
+        if notify:
+            addr = "\0" + notify[1:] if notify.startswith("@") else notify
+            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+                s.sendto(f"READY=1\nMAINPID={os.getpid()}".encode(), addr)
+
+    def _request_stop(self, sig: int) -> None:
+        log.info("received %s", signal.Signals(sig).name)
+        assert self.stop_event is not None
+        self.stop_event.set()
+
+    def _sighup(self) -> None:
+        log.warning("SIGHUP received: the zero-downtime handoff is not in this build; ignoring")
+
+    def _drain(self) -> None:
+        """Answer what is in flight, then make the cache file the whole truth."""
+        for vol in self.volumes.values():
+            vol.shutdown_connections(5000)
+        if self.checkpointer is not None:
+            self.checkpointer.stop()
+            self.checkpointer = None
+        for name, vol in self.volumes.items():
+            try:
+                vol.flush()
+                vol.checkpoint()
+            except OSError as e:
+                # The WAL still holds everything; the next start replays it.
+                log.error("final checkpoint failed volume=%s error=%s", name, e)
+
+    def _close_volumes(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.stop()
+            self.checkpointer = None
+        for vol in self.volumes.values():
+            vol.close()
+        self.volumes.clear()

@@ -1,0 +1,68 @@
+/* block_index.h — the per-volume map of block states and dirty versions.
+ *
+ * Each block has one state byte: a base state (what the cache file or the
+ * store holds for it as of the last checkpoint) and a DIRTY flag. A dirty block
+ * also has a chain of versions, newest first, each naming the WAL record that
+ * holds it (segment, byte offset of the block's data, sequence number). Keeping
+ * every version newer than the last checkpoint is what lets a flusher read a
+ * block "as of" a sequence number while later writes keep landing.
+ *
+ * Not thread-safe: the owning volume serialises access with its index mutex.
+ * Memory: the state array is calloc'd (untouched pages are never faulted in),
+ * versions are bounded by the WAL budget.
+ */
+#ifndef GLIDE_BLOCK_INDEX_H
+#define GLIDE_BLOCK_INDEX_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+enum block_base {
+    BLOCK_ABSENT = 0, /* not local: the store has it, or it is zeros if the store has no entry */
+    BLOCK_CLEAN = 1,  /* the cache file holds it */
+    BLOCK_ZERO = 2,   /* known to be zeros; the cache file has a hole */
+};
+#define BLOCK_BASE_MASK 0x3
+#define BLOCK_DIRTY 0x4
+
+struct wal_segment;
+
+struct block_version {
+    uint64_t seq;
+    uint64_t off;             /* byte offset of this block's data in the segment */
+    struct wal_segment *seg;  /* NULL for zero kinds */
+    uint32_t next;            /* older version, 0 = none */
+    uint8_t kind;             /* enum wal_kind */
+};
+
+struct block_index;
+
+struct block_index *block_index_create(uint64_t nblocks);
+void block_index_destroy(struct block_index *bi);
+
+uint64_t block_index_nblocks(const struct block_index *bi);
+uint8_t block_index_state(const struct block_index *bi, uint64_t lba);
+void block_index_set_base(struct block_index *bi, uint64_t lba, uint8_t base);
+
+/* Record a new version (inserted in sequence order, so concurrent writers that
+ * update the index out of order still leave the newest on top). -1 on ENOMEM. */
+int block_index_add_version(struct block_index *bi, uint64_t lba, uint64_t seq, uint8_t kind,
+                            struct wal_segment *seg, uint64_t off);
+
+/* Newest version, or the newest with seq <= as_of; NULL if none. */
+const struct block_version *block_index_latest(const struct block_index *bi, uint64_t lba);
+const struct block_version *block_index_as_of(const struct block_index *bi, uint64_t lba, uint64_t as_of);
+
+/* Call fn for every dirty block whose newest version <= upto exists. */
+typedef int (*block_visit_fn)(void *ctx, uint64_t lba, const struct block_version *v);
+int block_index_visit_upto(const struct block_index *bi, uint64_t upto, block_visit_fn fn, void *ctx);
+
+/* Forget every version <= upto: each such block takes the base state its newest
+ * dropped version implies; blocks left with no versions stop being dirty.
+ * Returns how many blocks stopped being dirty. */
+uint64_t block_index_drop_upto(struct block_index *bi, uint64_t upto);
+
+uint64_t block_index_dirty_count(const struct block_index *bi);
+uint64_t block_index_version_count(const struct block_index *bi);
+
+#endif

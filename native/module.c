@@ -1,0 +1,411 @@
+/* module.c — glide._native: the Python face of the C core.
+ *
+ * A small, explicit API: open a volume, read/write/trim/zero/flush, checkpoint,
+ * read a block as of a WAL sequence, hand an NBD socket over after the
+ * handshake, shut connections down, stats. Every call that may block releases
+ * the GIL. Python is never called back from C. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <stdint.h>
+
+#include "crc32c.h"
+#include "glide_common.h"
+#include "nbd_conn.h"
+#include "nbd_proto.h"
+#include "volume.h"
+#include "wal_record.h"
+
+typedef struct {
+    PyObject_HEAD
+    struct volume *v;
+} VolumeObject;
+
+static PyObject *raise_errno(int rc, const char *what) {
+    errno = rc < 0 ? -rc : rc;
+    return PyErr_SetFromErrnoWithFilename(PyExc_OSError, what);
+}
+
+static int check_open(VolumeObject *self) {
+    if (!self->v) { PyErr_SetString(PyExc_ValueError, "volume is closed"); return -1; }
+    return 0;
+}
+
+static int Volume_init(VolumeObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"path", "size", "wal_budget", "segment_size", NULL};
+    const char *path;
+    unsigned long long size, budget = 1ULL << 30, segsize = 64ULL << 20;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "sK|KK", kwlist, &path, &size, &budget, &segsize)) return -1;
+    if (self->v) { PyErr_SetString(PyExc_ValueError, "already open"); return -1; }
+    if (segsize < GLIDE_MAX_IO + WAL_REC_HDR_SIZE + WAL_SEG_HDR_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "segment_size must hold one maximal record (a little over 32 MiB)");
+        return -1;
+    }
+    struct volume_config cfg = {.dir = path, .size = size, .wal_budget = budget, .seg_size = segsize};
+    char err[512];
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = volume_open(&cfg, &self->v, err, sizeof err);
+    Py_END_ALLOW_THREADS
+    if (rc) {
+        if (err[0]) {
+            PyObject *exc = (rc == -EINVAL) ? PyExc_ValueError : PyExc_OSError;
+            PyErr_Format(exc, "%s", err);
+        } else {
+            raise_errno(rc, path);
+        }
+        self->v = NULL;
+        return -1;
+    }
+    return 0;
+}
+
+static void close_volume(VolumeObject *self) {
+    if (!self->v) return;
+    struct volume *v = self->v;
+    self->v = NULL;
+    Py_BEGIN_ALLOW_THREADS
+    nbd_conns_shutdown(v, 5000);
+    volume_close(v);
+    Py_END_ALLOW_THREADS
+}
+
+static void Volume_dealloc(VolumeObject *self) {
+    close_volume(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *Volume_close(VolumeObject *self, PyObject *Py_UNUSED(ignored)) {
+    close_volume(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Volume_read(VolumeObject *self, PyObject *args) {
+    unsigned long long off, len;
+    if (!PyArg_ParseTuple(args, "KK", &off, &len) || check_open(self)) return NULL;
+    if (len > GLIDE_MAX_IO) { PyErr_SetString(PyExc_ValueError, "read larger than 32 MiB"); return NULL; }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)len);
+    if (!out) return NULL;
+    int rc;
+    char *buf = PyBytes_AS_STRING(out);
+    Py_BEGIN_ALLOW_THREADS
+    rc = volume_read(self->v, off, len, buf);
+    Py_END_ALLOW_THREADS
+    if (rc) { Py_DECREF(out); return raise_errno(rc, "read"); }
+    return out;
+}
+
+static PyObject *sync_if(VolumeObject *self, int rc, uint64_t seq, int fua, const char *what) {
+    if (!rc && fua && seq) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = wal_sync_wait(&self->v->wal, seq);
+        Py_END_ALLOW_THREADS
+    }
+    if (rc) return raise_errno(rc, what);
+    return PyLong_FromUnsignedLongLong(seq);
+}
+
+static PyObject *Volume_write(VolumeObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"offset", "data", "fua", NULL};
+    unsigned long long off;
+    Py_buffer data;
+    int fua = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "Ky*|p", kwlist, &off, &data, &fua)) return NULL;
+    if (check_open(self)) { PyBuffer_Release(&data); return NULL; }
+    uint64_t seq = 0;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = volume_write(self->v, off, (uint64_t)data.len, data.buf, &seq);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&data);
+    return sync_if(self, rc, seq, fua, "write");
+}
+
+static PyObject *Volume_trim(VolumeObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"offset", "length", "fua", NULL};
+    unsigned long long off, len;
+    int fua = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "KK|p", kwlist, &off, &len, &fua) || check_open(self)) return NULL;
+    uint64_t seq = 0;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = volume_trim(self->v, off, len, &seq);
+    Py_END_ALLOW_THREADS
+    return sync_if(self, rc, seq, fua, "trim");
+}
+
+static PyObject *Volume_write_zeroes(VolumeObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"offset", "length", "no_hole", "fua", NULL};
+    unsigned long long off, len;
+    int no_hole = 0, fua = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "KK|pp", kwlist, &off, &len, &no_hole, &fua) || check_open(self))
+        return NULL;
+    uint64_t seq = 0;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = volume_write_zeroes(self->v, off, len, no_hole, &seq);
+    Py_END_ALLOW_THREADS
+    return sync_if(self, rc, seq, fua, "write_zeroes");
+}
+
+static PyObject *Volume_flush(VolumeObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (check_open(self)) return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = volume_flush(self->v);
+    Py_END_ALLOW_THREADS
+    if (rc) return raise_errno(rc, "flush");
+    Py_RETURN_NONE;
+}
+
+static PyObject *Volume_checkpoint(VolumeObject *self, PyObject *args) {
+    unsigned long long upto = UINT64_MAX;
+    if (!PyArg_ParseTuple(args, "|K", &upto) || check_open(self)) return NULL;
+    struct checkpoint_stats st;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = volume_checkpoint(self->v, upto, &st);
+    Py_END_ALLOW_THREADS
+    if (rc) return raise_errno(rc, "checkpoint");
+    return Py_BuildValue("{s:K,s:K,s:K,s:K}", "cut_seq", (unsigned long long)st.cut_seq, "blocks_written",
+                         (unsigned long long)st.blocks_written, "blocks_zeroed", (unsigned long long)st.blocks_zeroed,
+                         "state_bytes", (unsigned long long)st.state_bytes);
+}
+
+static PyObject *Volume_read_block_as_of(VolumeObject *self, PyObject *args) {
+    unsigned long long lba, seq;
+    if (!PyArg_ParseTuple(args, "KK", &lba, &seq) || check_open(self)) return NULL;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, GLIDE_BLOCK_SIZE);
+    if (!out) return NULL;
+    char *buf = PyBytes_AS_STRING(out);
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = volume_read_block_as_of(self->v, lba, seq, buf);
+    Py_END_ALLOW_THREADS
+    if (rc) { Py_DECREF(out); return raise_errno(rc, "read_block_as_of"); }
+    return out;
+}
+
+struct bs_list { PyObject *list; };
+static int bs_collect(void *ctx, uint64_t len, uint32_t flags) {
+    struct bs_list *b = ctx;
+    PyGILState_STATE g = PyGILState_Ensure();
+    PyObject *t = Py_BuildValue("(KI)", (unsigned long long)len, flags);
+    int rc = (!t || PyList_Append(b->list, t) < 0) ? -ENOMEM : 0;
+    Py_XDECREF(t);
+    PyGILState_Release(g);
+    return rc;
+}
+
+static PyObject *Volume_block_status(VolumeObject *self, PyObject *args) {
+    unsigned long long off, len;
+    if (!PyArg_ParseTuple(args, "KK", &off, &len) || check_open(self)) return NULL;
+    struct bs_list b = {PyList_New(0)};
+    if (!b.list) return NULL;
+    int rc = volume_block_status(self->v, off, len, bs_collect, &b);
+    if (rc) { Py_DECREF(b.list); if (!PyErr_Occurred()) raise_errno(rc, "block_status"); return NULL; }
+    return b.list;
+}
+
+static PyObject *Volume_last_seq(VolumeObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (check_open(self)) return NULL;
+    return PyLong_FromUnsignedLongLong(wal_last_seq(&self->v->wal));
+}
+
+static PyObject *Volume_serve_nbd(VolumeObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"fd", "structured", "meta_id", "initial", NULL};
+    int fd, structured = 0;
+    unsigned int meta_id = 0;
+    Py_buffer initial = {0};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "i|pIy*", kwlist, &fd, &structured, &meta_id, &initial)) return NULL;
+    if (check_open(self)) { if (initial.obj) PyBuffer_Release(&initial); return NULL; }
+    struct nbd_conn_opts o = {.structured = structured, .meta_id = meta_id};
+    int rc = nbd_conn_start(self->v, fd, &o, initial.obj ? initial.buf : NULL, initial.obj ? (size_t)initial.len : 0);
+    if (initial.obj) PyBuffer_Release(&initial);
+    if (rc) return raise_errno(rc, "serve_nbd");
+    Py_RETURN_NONE;
+}
+
+static PyObject *Volume_shutdown_connections(VolumeObject *self, PyObject *args) {
+    int grace_ms = 5000;
+    if (!PyArg_ParseTuple(args, "|i", &grace_ms) || check_open(self)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    nbd_conns_shutdown(self->v, grace_ms);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *Volume_stats(VolumeObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (check_open(self)) return NULL;
+    struct volume *v = self->v;
+    uint64_t dirty, versions;
+    pthread_mutex_lock(&v->idx_mu);
+    dirty = block_index_dirty_count(v->bi);
+    versions = block_index_version_count(v->bi);
+    pthread_mutex_unlock(&v->idx_mu);
+    pthread_mutex_lock(&v->wal.mu);
+    uint64_t wal_bytes = v->wal.live_bytes, last = v->wal.next_seq - 1, charge = volume_charge(v);
+    pthread_mutex_unlock(&v->wal.mu);
+    pthread_mutex_lock(&v->wal.sync_mu);
+    uint64_t synced = v->wal.synced_seq;
+    pthread_mutex_unlock(&v->wal.sync_mu);
+#define U(x) (unsigned long long)(x)
+    return Py_BuildValue(
+        "{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:i,s:i,"
+        "s:K,s:K,s:K,s:K}",
+        "size", U(v->size), "dirty_blocks", U(dirty), "versions", U(versions), "wal_bytes", U(wal_bytes),
+        "charge", U(charge), "budget", U(v->wal_budget), "last_seq", U(last), "synced_seq", U(synced),
+        "checkpoint_seq", U(v->checkpoint_seq), "reads", U(v->st.reads), "writes", U(v->st.writes),
+        "flushes", U(v->st.flushes), "trims", U(v->st.trims), "zeroes", U(v->st.zeroes),
+        "read_bytes", U(v->st.read_bytes), "write_bytes", U(v->st.write_bytes), "wal_syncs", U(v->wal.syncs),
+        "backpressure_waits", U(v->st.backpressure_waits), "checkpoints", U(v->st.checkpoints),
+        "connections", nbd_conn_count(v), "failed", atomic_load(&v->failed),
+        "replayed_records", U(v->replay.applied), "replay_discarded_bytes", U(v->replay.discarded_bytes),
+        "replay_segments", U(v->replay.segments), "errors", U(v->st.errors));
+#undef U
+}
+
+static PyObject *Volume_pressure_fd(VolumeObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (check_open(self)) return NULL;
+    return PyLong_FromLong(self->v->pressure_efd);
+}
+
+static PyObject *Volume_get_size(VolumeObject *self, void *Py_UNUSED(c)) {
+    if (check_open(self)) return NULL;
+    return PyLong_FromUnsignedLongLong(self->v->size);
+}
+
+static PyMethodDef Volume_methods[] = {
+    {"close", (PyCFunction)Volume_close, METH_NOARGS, "Shut connections down and close the volume."},
+    {"read", (PyCFunction)Volume_read, METH_VARARGS, "read(offset, length) -> bytes"},
+    {"write", (PyCFunction)(void (*)(void))Volume_write, METH_VARARGS | METH_KEYWORDS,
+     "write(offset, data, fua=False) -> WAL seq"},
+    {"trim", (PyCFunction)(void (*)(void))Volume_trim, METH_VARARGS | METH_KEYWORDS, "trim(offset, length, fua=False)"},
+    {"write_zeroes", (PyCFunction)(void (*)(void))Volume_write_zeroes, METH_VARARGS | METH_KEYWORDS,
+     "write_zeroes(offset, length, no_hole=False, fua=False)"},
+    {"flush", (PyCFunction)Volume_flush, METH_NOARGS, "Make every acknowledged write durable (group commit)."},
+    {"checkpoint", (PyCFunction)Volume_checkpoint, METH_VARARGS, "checkpoint(upto=all) -> stats dict"},
+    {"read_block_as_of", (PyCFunction)Volume_read_block_as_of, METH_VARARGS, "read_block_as_of(lba, seq) -> bytes"},
+    {"block_status", (PyCFunction)Volume_block_status, METH_VARARGS, "block_status(offset, length) -> [(len, flags)]"},
+    {"last_seq", (PyCFunction)Volume_last_seq, METH_NOARGS, "Sequence number of the newest WAL record."},
+    {"serve_nbd", (PyCFunction)(void (*)(void))Volume_serve_nbd, METH_VARARGS | METH_KEYWORDS,
+     "serve_nbd(fd, structured=False, meta_id=0, initial=b'') — takes ownership of fd"},
+    {"shutdown_connections", (PyCFunction)Volume_shutdown_connections, METH_VARARGS,
+     "shutdown_connections(grace_ms=5000)"},
+    {"stats", (PyCFunction)Volume_stats, METH_NOARGS, "Counters and state as a dict."},
+    {"pressure_fd", (PyCFunction)Volume_pressure_fd, METH_NOARGS, "eventfd readable when a checkpoint would help."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Volume_getset[] = {
+    {"size", (getter)Volume_get_size, NULL, "size in bytes", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject VolumeType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "glide._native.Volume",
+    .tp_basicsize = sizeof(VolumeObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "One volume of the write cache: WAL, block index, cache file.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Volume_init,
+    .tp_dealloc = (destructor)Volume_dealloc,
+    .tp_methods = Volume_methods,
+    .tp_getset = Volume_getset,
+};
+
+/* ---- pure codecs, exposed for unit tests and fuzzing ---- */
+
+static PyObject *py_crc32c(PyObject *Py_UNUSED(m), PyObject *args) {
+    Py_buffer b;
+    unsigned int crc = 0;
+    int sw = 0;
+    if (!PyArg_ParseTuple(args, "y*|Ip", &b, &crc, &sw)) return NULL;
+    uint32_t r = sw ? crc32c_sw(crc, b.buf, (size_t)b.len) : crc32c(crc, b.buf, (size_t)b.len);
+    PyBuffer_Release(&b);
+    return PyLong_FromUnsignedLong(r);
+}
+
+static PyObject *py_encode_wal_record(PyObject *Py_UNUSED(m), PyObject *args) {
+    unsigned int kind, nblocks;
+    unsigned long long seq, lba;
+    Py_buffer data = {0};
+    if (!PyArg_ParseTuple(args, "IKKI|y*", &kind, &seq, &lba, &nblocks, &data)) return NULL;
+    struct wal_record r = {.kind = (uint8_t)kind, .seq = seq, .lba = lba, .nblocks = nblocks};
+    uint64_t dlen = wal_record_data_len(&r);
+    if ((uint64_t)(data.obj ? data.len : 0) != dlen) {
+        if (data.obj) PyBuffer_Release(&data);
+        PyErr_SetString(PyExc_ValueError, "data length does not match kind and nblocks");
+        return NULL;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(WAL_REC_HDR_SIZE + dlen));
+    if (out) {
+        uint8_t *p = (uint8_t *)PyBytes_AS_STRING(out);
+        wal_record_encode(p, &r, data.obj ? data.buf : NULL);
+        if (dlen) memcpy(p + WAL_REC_HDR_SIZE, data.buf, (size_t)dlen);
+    }
+    if (data.obj) PyBuffer_Release(&data);
+    return out;
+}
+
+static PyObject *py_decode_wal_record(PyObject *Py_UNUSED(m), PyObject *args) {
+    Py_buffer b;
+    if (!PyArg_ParseTuple(args, "y*", &b)) return NULL;
+    struct wal_record r;
+    size_t total = 0;
+    int rc = wal_record_decode(b.buf, (size_t)b.len, &r, &total);
+    PyBuffer_Release(&b);
+    if (rc == WAL_DECODE_SHORT) Py_RETURN_NONE;
+    if (rc != WAL_DECODE_OK) { PyErr_SetString(PyExc_ValueError, "invalid WAL record"); return NULL; }
+    return Py_BuildValue("{s:I,s:K,s:K,s:I,s:n}", "kind", (unsigned)r.kind, "seq", (unsigned long long)r.seq,
+                         "lba", (unsigned long long)r.lba, "nblocks", r.nblocks, "size", (Py_ssize_t)total);
+}
+
+static PyObject *py_check_nbd_request(PyObject *Py_UNUSED(m), PyObject *args) {
+    Py_buffer b;
+    unsigned long long size;
+    int structured = 0;
+    unsigned int meta = 0;
+    if (!PyArg_ParseTuple(args, "y*K|pI", &b, &size, &structured, &meta)) return NULL;
+    struct nbd_request r;
+    int pr = nbd_parse_request(b.buf, (size_t)b.len, &r);
+    PyBuffer_Release(&b);
+    if (pr == NBD_PARSE_SHORT) Py_RETURN_NONE;
+    if (pr == NBD_PARSE_BAD_MAGIC) { PyErr_SetString(PyExc_ValueError, "bad request magic"); return NULL; }
+    struct nbd_session s = {.export_size = size, .max_payload = GLIDE_MAX_IO, .structured = structured, .meta_id = meta};
+    uint32_t err;
+    int verdict = nbd_validate(&s, &r, &err);
+    static const char *names[] = {"execute", "reject", "disconnect"};
+    return Py_BuildValue("{s:H,s:H,s:K,s:K,s:I,s:s,s:I}", "flags", r.flags, "type", r.type, "handle",
+                         (unsigned long long)r.handle, "offset", (unsigned long long)r.offset, "length", r.length,
+                         "verdict", names[verdict], "error", err);
+}
+
+static PyMethodDef module_methods[] = {
+    {"crc32c", py_crc32c, METH_VARARGS, "crc32c(data, crc=0, software=False)"},
+    {"encode_wal_record", py_encode_wal_record, METH_VARARGS, "encode_wal_record(kind, seq, lba, nblocks, data=b'')"},
+    {"decode_wal_record", py_decode_wal_record, METH_VARARGS, "decode_wal_record(buf) -> dict | None"},
+    {"check_nbd_request", py_check_nbd_request, METH_VARARGS,
+     "check_nbd_request(buf, export_size, structured=False, meta_id=0) -> dict | None"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT, "glide._native", "glidefs C core", -1, module_methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__native(void) {
+    if (PyType_Ready(&VolumeType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&moduledef);
+    if (!m) return NULL;
+    Py_INCREF(&VolumeType);
+    if (PyModule_AddObject(m, "Volume", (PyObject *)&VolumeType) < 0) { Py_DECREF(&VolumeType); Py_DECREF(m); return NULL; }
+    PyModule_AddIntConstant(m, "BLOCK_SIZE", GLIDE_BLOCK_SIZE);
+    PyModule_AddIntConstant(m, "MAX_IO", GLIDE_MAX_IO);
+    PyModule_AddIntConstant(m, "WAL_KIND_DATA", WAL_KIND_DATA);
+    PyModule_AddIntConstant(m, "WAL_KIND_ZERO_HOLE", WAL_KIND_ZERO_HOLE);
+    PyModule_AddIntConstant(m, "WAL_KIND_ZERO_ALLOC", WAL_KIND_ZERO_ALLOC);
+    return m;
+}

@@ -1,0 +1,444 @@
+/* nbd_conn.c — per-connection request loop (see nbd_conn.h). */
+#define _GNU_SOURCE
+#include "nbd_conn.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "glide_common.h"
+#include "nbd_proto.h"
+#include "volume.h"
+
+#define IN_CAP (512u * 1024)
+#define OUT_CAP (512u * 1024)
+#define MAX_EXTENTS 8192u
+
+struct nbd_conn;
+
+struct sync_req {
+    struct wal_waiter w; /* first: the waiter is cast back to the request */
+    struct nbd_conn *c;
+    uint64_t handle;
+    int err;
+    struct sync_req *next;
+};
+
+struct nbd_conn {
+    struct volume *v;
+    int fd, efd;
+    struct nbd_session sess;
+    uint8_t *in;
+    size_t in_off, in_len;
+    uint8_t *out;
+    size_t out_len;
+    uint8_t *big;
+    size_t big_cap;
+    pthread_mutex_t mu; /* done list and pending count */
+    struct sync_req *done;
+    int pending;
+    int dead; /* the socket failed: stop sending */
+    struct nbd_conn *next;
+};
+
+enum { KEEP_GOING = 0, STOP_GRACEFUL = 1, STOP_NOW = 2 };
+
+/* ---------- output ---------- */
+
+static int send_all(struct nbd_conn *c, const void *buf, size_t len) {
+    const uint8_t *p = buf;
+    while (len && !c->dead) {
+        ssize_t n = send(c->fd, p, len, MSG_NOSIGNAL);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            c->dead = 1;
+            return -1;
+        }
+        p += n;
+        len -= (size_t)n;
+    }
+    return c->dead ? -1 : 0;
+}
+
+static int flush_out(struct nbd_conn *c) {
+    int rc = 0;
+    if (c->out_len) rc = send_all(c, c->out, c->out_len);
+    c->out_len = 0;
+    return rc;
+}
+
+static uint8_t *reserve_out(struct nbd_conn *c, size_t n) {
+    if (c->out_len + n > OUT_CAP) flush_out(c);
+    uint8_t *p = c->out + c->out_len;
+    c->out_len += n;
+    return p;
+}
+
+static void reply_simple(struct nbd_conn *c, uint64_t handle, uint32_t err) {
+    nbd_encode_simple_reply(reserve_out(c, NBD_SIMPLE_REPLY_SIZE), handle, err);
+}
+
+static void reply_error(struct nbd_conn *c, const struct nbd_request *r, uint32_t err) {
+    if (c->sess.structured && (r->type == NBD_CMD_READ || r->type == NBD_CMD_BLOCK_STATUS))
+        nbd_encode_error_chunk(reserve_out(c, NBD_CHUNK_HEADER_SIZE + 6), r->handle, err);
+    else
+        reply_simple(c, r->handle, err);
+}
+
+static int ensure_big(struct nbd_conn *c, size_t n) {
+    if (c->big_cap >= n) return 0;
+    uint8_t *nb = realloc(c->big, n);
+    if (!nb) return -1;
+    c->big = nb;
+    c->big_cap = n;
+    return 0;
+}
+
+/* ---------- durability completions ---------- */
+
+static void sync_done(struct wal_waiter *w, int err) {
+    struct sync_req *s = (struct sync_req *)w;
+    struct nbd_conn *c = s->c;
+    s->err = err;
+    uint64_t one = 1;
+    pthread_mutex_lock(&c->mu);
+    s->next = c->done;
+    c->done = s;
+    /* written under mu so teardown, which waits for pending under mu, never
+     * closes efd between our unlock and this write */
+    ssize_t n = write(c->efd, &one, sizeof one);
+    (void)n;
+    pthread_mutex_unlock(&c->mu);
+}
+
+static void reply_when_durable(struct nbd_conn *c, uint64_t handle, uint64_t seq) {
+    struct sync_req *s = calloc(1, sizeof *s);
+    if (!s) { reply_simple(c, handle, NBD_ENOMEM); return; }
+    s->w.target = seq;
+    s->w.done = sync_done;
+    s->c = c;
+    s->handle = handle;
+    pthread_mutex_lock(&c->mu);
+    c->pending++;
+    pthread_mutex_unlock(&c->mu);
+    wal_sync_async(&c->v->wal, &s->w);
+}
+
+static void drain_completions(struct nbd_conn *c) {
+    uint64_t cnt;
+    ssize_t n = read(c->efd, &cnt, sizeof cnt);
+    (void)n;
+    pthread_mutex_lock(&c->mu);
+    struct sync_req *list = c->done;
+    c->done = NULL;
+    pthread_mutex_unlock(&c->mu);
+    int k = 0;
+    while (list) {
+        struct sync_req *nx = list->next;
+        reply_simple(c, list->handle, nbd_errno_to_wire(list->err));
+        free(list);
+        list = nx;
+        k++;
+    }
+    if (k) {
+        pthread_mutex_lock(&c->mu);
+        c->pending -= k;
+        pthread_mutex_unlock(&c->mu);
+    }
+}
+
+/* ---------- commands ---------- */
+
+static void do_read(struct nbd_conn *c, const struct nbd_request *r) {
+    size_t hdr = c->sess.structured ? NBD_CHUNK_HEADER_SIZE + 8 : NBD_SIMPLE_REPLY_SIZE;
+    if (r->length == 0) {
+        if (c->sess.structured)
+            nbd_encode_chunk_header(reserve_out(c, NBD_CHUNK_HEADER_SIZE), NBD_REPLY_FLAG_DONE,
+                                    NBD_REPLY_TYPE_NONE, r->handle, 0);
+        else
+            reply_simple(c, r->handle, 0);
+        return;
+    }
+    size_t total = hdr + r->length;
+    uint8_t *p;
+    int direct = total > OUT_CAP;
+    if (direct) {
+        flush_out(c);
+        if (ensure_big(c, total) < 0) { reply_error(c, r, NBD_ENOMEM); return; }
+        p = c->big;
+    } else {
+        p = reserve_out(c, total);
+    }
+    int rc = volume_read(c->v, r->offset, r->length, p + hdr);
+    if (rc) {
+        if (!direct) c->out_len -= total;
+        reply_error(c, r, nbd_errno_to_wire(rc));
+        return;
+    }
+    if (c->sess.structured) {
+        nbd_encode_chunk_header(p, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, r->handle, 8 + r->length);
+        put_be64(p + NBD_CHUNK_HEADER_SIZE, r->offset);
+    } else {
+        nbd_encode_simple_reply(p, r->handle, 0);
+    }
+    if (direct) send_all(c, p, total);
+}
+
+struct bs_ctx {
+    uint8_t *desc;
+    uint32_t n, max;
+    uint64_t left;
+};
+
+static int bs_extent(void *ctx, uint64_t len, uint32_t flags) {
+    struct bs_ctx *b = ctx;
+    if (len > b->left) len = b->left;
+    if (b->n && get_be32(b->desc + (b->n - 1) * 8 + 4) == flags &&
+        (uint64_t)get_be32(b->desc + (b->n - 1) * 8) + len <= UINT32_MAX) {
+        put_be32(b->desc + (b->n - 1) * 8, get_be32(b->desc + (b->n - 1) * 8) + (uint32_t)len);
+    } else {
+        if (b->n == b->max) return 1;
+        put_be32(b->desc + b->n * 8, (uint32_t)len);
+        put_be32(b->desc + b->n * 8 + 4, flags);
+        b->n++;
+    }
+    b->left -= len;
+    return b->left ? 0 : 1;
+}
+
+static void do_block_status(struct nbd_conn *c, const struct nbd_request *r) {
+    uint32_t max = (r->flags & NBD_CMD_FLAG_REQ_ONE) ? 1 : MAX_EXTENTS;
+    size_t cap = NBD_CHUNK_HEADER_SIZE + 4 + (size_t)max * 8;
+    flush_out(c);
+    if (ensure_big(c, cap) < 0) { reply_error(c, r, NBD_ENOMEM); return; }
+    struct bs_ctx b = {.desc = c->big + NBD_CHUNK_HEADER_SIZE + 4, .max = max, .left = r->length};
+    int rc = volume_block_status(c->v, r->offset, r->length, bs_extent, &b);
+    if (rc || b.n == 0) { reply_error(c, r, nbd_errno_to_wire(rc ? rc : -EIO)); return; }
+    nbd_encode_chunk_header(c->big, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS, r->handle, 4 + b.n * 8);
+    put_be32(c->big + NBD_CHUNK_HEADER_SIZE, c->sess.meta_id);
+    send_all(c, c->big, NBD_CHUNK_HEADER_SIZE + 4 + (size_t)b.n * 8);
+}
+
+static void finish_write(struct nbd_conn *c, const struct nbd_request *r, int rc, uint64_t seq) {
+    if (rc) reply_simple(c, r->handle, nbd_errno_to_wire(rc));
+    else if ((r->flags & NBD_CMD_FLAG_FUA) && seq) reply_when_durable(c, r->handle, seq);
+    else reply_simple(c, r->handle, 0);
+}
+
+static int execute(struct nbd_conn *c, const struct nbd_request *r, const uint8_t *payload) {
+    uint64_t seq = 0;
+    int rc;
+    switch (r->type) {
+    case NBD_CMD_READ:
+        do_read(c, r);
+        break;
+    case NBD_CMD_WRITE:
+        rc = volume_write(c->v, r->offset, r->length, payload, &seq);
+        finish_write(c, r, rc, seq);
+        break;
+    case NBD_CMD_FLUSH:
+        atomic_fetch_add(&c->v->st.flushes, 1);
+        reply_when_durable(c, r->handle, wal_last_seq(&c->v->wal));
+        break;
+    case NBD_CMD_TRIM:
+        rc = volume_trim(c->v, r->offset, r->length, &seq);
+        finish_write(c, r, rc, seq);
+        break;
+    case NBD_CMD_WRITE_ZEROES:
+        /* Zeroing is a metadata record here, always faster than a WRITE, so
+         * FAST_ZERO never needs to fail with ENOTSUP. */
+        rc = volume_write_zeroes(c->v, r->offset, r->length, (r->flags & NBD_CMD_FLAG_NO_HOLE) != 0, &seq);
+        finish_write(c, r, rc, seq);
+        break;
+    case NBD_CMD_CACHE:
+        /* Every block is local until the object store arrives: nothing to warm. */
+        reply_simple(c, r->handle, 0);
+        break;
+    case NBD_CMD_BLOCK_STATUS:
+        do_block_status(c, r);
+        break;
+    case NBD_CMD_DISC:
+        return STOP_GRACEFUL;
+    }
+    return KEEP_GOING;
+}
+
+static int recv_full(struct nbd_conn *c, uint8_t *buf, size_t len) {
+    while (len) {
+        ssize_t n = recv(c->fd, buf, len, 0);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return -1;
+        buf += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+/* Run every complete request in the input buffer. */
+static int process_input(struct nbd_conn *c) {
+    for (;;) {
+        size_t avail = c->in_len - c->in_off;
+        const uint8_t *p = c->in + c->in_off;
+        struct nbd_request r;
+        int pr = nbd_parse_request(p, avail, &r);
+        if (pr == NBD_PARSE_BAD_MAGIC) return STOP_NOW;
+        if (pr == NBD_PARSE_SHORT) break;
+        uint32_t err;
+        int verdict = nbd_validate(&c->sess, &r, &err);
+        if (verdict == NBD_DISCONNECT) return STOP_NOW;
+        uint64_t payload = nbd_request_payload(&r);
+        size_t need = NBD_REQUEST_SIZE + (size_t)payload;
+        const uint8_t *data = p + NBD_REQUEST_SIZE;
+        if (avail < need) {
+            if (need <= IN_CAP) break; /* wait for the rest in the buffer */
+            /* A payload larger than the input buffer is read straight into the
+             * big buffer; payload <= max_payload was checked above. */
+            flush_out(c);
+            if (ensure_big(c, (size_t)payload) < 0) return STOP_NOW;
+            size_t have = avail - NBD_REQUEST_SIZE;
+            memcpy(c->big, data, have);
+            if (recv_full(c, c->big + have, (size_t)payload - have) < 0) return STOP_NOW;
+            data = c->big;
+            c->in_off = c->in_len; /* everything buffered was this request */
+        } else {
+            c->in_off += need;
+        }
+        int st = KEEP_GOING;
+        if (verdict == NBD_REJECT) reply_error(c, &r, err);
+        else st = execute(c, &r, data);
+        if (st != KEEP_GOING) return st;
+        if (c->dead) return STOP_NOW;
+    }
+    /* keep the partial request at the front of the buffer */
+    if (c->in_off) {
+        memmove(c->in, c->in + c->in_off, c->in_len - c->in_off);
+        c->in_len -= c->in_off;
+        c->in_off = 0;
+    }
+    return KEEP_GOING;
+}
+
+static void conn_free(struct nbd_conn *c) {
+    if (c->efd >= 0) close(c->efd);
+    free(c->in);
+    free(c->out);
+    free(c->big);
+    pthread_mutex_destroy(&c->mu);
+    free(c);
+}
+
+static void *conn_main(void *arg) {
+    struct nbd_conn *c = arg;
+    struct volume *v = c->v;
+    int st = process_input(c);
+    while (st == KEEP_GOING) {
+        drain_completions(c);
+        if (flush_out(c) < 0) break;
+        struct pollfd pfd[2] = {{.fd = c->fd, .events = POLLIN}, {.fd = c->efd, .events = POLLIN}};
+        if (poll(pfd, 2, -1) < 0) {
+            if (errno == EINTR) continue;
+            break;
+        }
+        if (pfd[0].revents & (POLLIN | POLLHUP | POLLERR)) {
+            ssize_t n = recv(c->fd, c->in + c->in_len, IN_CAP - c->in_len, 0);
+            if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+            if (n <= 0) break;
+            c->in_len += (size_t)n;
+            st = process_input(c);
+        }
+    }
+    /* Requests already taken are answered before the socket closes (DISC
+     * requires it; for a vanished client the sends just fail). */
+    for (;;) {
+        drain_completions(c);
+        pthread_mutex_lock(&c->mu);
+        int pending = c->pending;
+        pthread_mutex_unlock(&c->mu);
+        if (!pending) break;
+        struct pollfd pfd = {.fd = c->efd, .events = POLLIN};
+        poll(&pfd, 1, 1000);
+    }
+    if (st != STOP_NOW) flush_out(c);
+
+    pthread_mutex_lock(&v->conn_mu);
+    struct nbd_conn **link = &v->conns;
+    while (*link && *link != c) link = &(*link)->next;
+    if (*link) *link = c->next;
+    close(c->fd); /* under conn_mu: shutdown() never sees a reused fd number */
+    v->nconns--;
+    pthread_cond_broadcast(&v->conn_cv);
+    pthread_mutex_unlock(&v->conn_mu);
+    conn_free(c);
+    return NULL;
+}
+
+int nbd_conn_start(struct volume *v, int fd, const struct nbd_conn_opts *o, const void *initial, size_t ilen) {
+    struct nbd_conn *c = calloc(1, sizeof *c);
+    if (!c || ilen > IN_CAP) { free(c); close(fd); return -ENOMEM; }
+    c->v = v;
+    c->fd = fd;
+    c->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    c->sess = (struct nbd_session){.export_size = v->size, .max_payload = GLIDE_MAX_IO,
+                                   .structured = o->structured, .meta_id = o->meta_id};
+    c->in = malloc(IN_CAP);
+    c->out = malloc(OUT_CAP);
+    pthread_mutex_init(&c->mu, NULL);
+    if (c->efd < 0 || !c->in || !c->out) { close(fd); conn_free(c); return -ENOMEM; }
+    if (ilen) memcpy(c->in, initial, ilen);
+    c->in_len = ilen;
+
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_attr_setstacksize(&attr, 256 * 1024);
+    pthread_mutex_lock(&v->conn_mu);
+    c->next = v->conns;
+    v->conns = c;
+    v->nconns++;
+    pthread_t t;
+    int rc = pthread_create(&t, &attr, conn_main, c);
+    if (rc) {
+        v->conns = c->next;
+        v->nconns--;
+        close(fd);
+    }
+    pthread_mutex_unlock(&v->conn_mu);
+    pthread_attr_destroy(&attr);
+    if (rc) { conn_free(c); return -rc; }
+    return 0;
+}
+
+int nbd_conn_count(struct volume *v) {
+    pthread_mutex_lock(&v->conn_mu);
+    int n = v->nconns;
+    pthread_mutex_unlock(&v->conn_mu);
+    return n;
+}
+
+static void shutdown_all(struct volume *v, int how) {
+    for (struct nbd_conn *c = v->conns; c; c = c->next) shutdown(c->fd, how);
+}
+
+void nbd_conns_shutdown(struct volume *v, int grace_ms) {
+    pthread_mutex_lock(&v->conn_mu);
+    shutdown_all(v, SHUT_RD);
+    struct timespec dl;
+    clock_gettime(CLOCK_REALTIME, &dl);
+    dl.tv_sec += grace_ms / 1000;
+    dl.tv_nsec += (long)(grace_ms % 1000) * 1000000L;
+    if (dl.tv_nsec >= 1000000000L) { dl.tv_sec++; dl.tv_nsec -= 1000000000L; }
+    while (v->nconns > 0) {
+        if (pthread_cond_timedwait(&v->conn_cv, &v->conn_mu, &dl) == ETIMEDOUT) {
+            /* a client that stopped reading its replies: cut it off */
+            shutdown_all(v, SHUT_RDWR);
+            while (v->nconns > 0) pthread_cond_wait(&v->conn_cv, &v->conn_mu);
+        }
+    }
+    pthread_mutex_unlock(&v->conn_mu);
+}

@@ -1,0 +1,713 @@
+/* volume.c — read/write paths, checkpoint and state file of one volume (see volume.h). */
+#define _GNU_SOURCE
+#include "volume.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "crc32c.h"
+#include "glide_common.h"
+
+#define STATE_MAGIC 0x41545347u /* "GSTA" */
+#define STATE_VERSION 1u
+#define STATE_HDR 64u
+/* Index memory is charged against the WAL budget so that zero-range records
+ * (a few bytes of WAL, many index entries) cannot grow memory without limit. */
+#define VERSION_CHARGE 64u
+#define PLAN_CHUNK 64
+
+/* ---------- small I/O helpers ---------- */
+
+static int pread_full(int fd, void *buf, size_t len, uint64_t off) {
+    size_t done = 0;
+    while (done < len) {
+        ssize_t n = pread(fd, (char *)buf + done, len - done, (off_t)(off + done));
+        if (n < 0) { if (errno == EINTR) continue; return -errno; }
+        if (n == 0) { memset((char *)buf + done, 0, len - done); return 0; } /* sparse tail */
+        done += (size_t)n;
+    }
+    return 0;
+}
+
+static int pwrite_full(int fd, const void *buf, size_t len, uint64_t off) {
+    size_t done = 0;
+    while (done < len) {
+        ssize_t n = pwrite(fd, (const char *)buf + done, len - done, (off_t)(off + done));
+        if (n < 0) { if (errno == EINTR) continue; return -errno; }
+        done += (size_t)n;
+    }
+    return 0;
+}
+
+static void set_failed(struct volume *v, int err) {
+    int zero = 0;
+    atomic_compare_exchange_strong(&v->failed, &zero, err);
+}
+
+/* ---------- state file ---------- */
+
+static size_t put_varint(uint8_t *p, uint64_t x) {
+    size_t n = 0;
+    while (x >= 0x80) { p[n++] = (uint8_t)(x | 0x80); x >>= 7; }
+    p[n++] = (uint8_t)x;
+    return n;
+}
+
+static int get_varint(const uint8_t *p, size_t len, size_t *pos, uint64_t *x) {
+    uint64_t r = 0;
+    for (int shift = 0; shift < 64 && *pos < len; shift += 7) {
+        uint8_t b = p[(*pos)++];
+        r |= (uint64_t)(b & 0x7f) << shift;
+        if (!(b & 0x80)) { *x = r; return 0; }
+    }
+    return -1;
+}
+
+/* bases: one base state per block (no DIRTY bit). */
+static int write_state_file(struct volume *v, const uint8_t *bases, uint64_t ckpt_seq, uint64_t *bytes_out) {
+    size_t cap = STATE_HDR + 4 + 64, len = STATE_HDR;
+    uint8_t *buf = malloc(cap);
+    if (!buf) return -ENOMEM;
+    uint64_t i = 0;
+    while (i < v->nblocks) {
+        uint64_t j = i + 1;
+        while (j < v->nblocks && bases[j] == bases[i]) j++;
+        if (len + 16 + 4 > cap) {
+            cap *= 2;
+            uint8_t *nb = realloc(buf, cap);
+            if (!nb) { free(buf); return -ENOMEM; }
+            buf = nb;
+        }
+        len += put_varint(buf + len, ((j - i) << 2) | bases[i]);
+        i = j;
+    }
+    memset(buf, 0, STATE_HDR);
+    put_le32(buf, STATE_MAGIC);
+    put_le32(buf + 4, STATE_VERSION);
+    put_le32(buf + 8, GLIDE_BLOCK_SIZE);
+    put_le64(buf + 16, v->nblocks);
+    put_le64(buf + 24, ckpt_seq);
+    put_le64(buf + 32, v->manifest_version);
+    memcpy(buf + 40, v->volume_id, 16);
+    put_le64(buf + 56, len - STATE_HDR);
+    put_le32(buf + len, crc32c(0, buf, len));
+    len += 4;
+
+    char tmp[4096 + 32], path[4096 + 32];
+    snprintf(tmp, sizeof tmp, "%s/state.tmp", v->dir);
+    snprintf(path, sizeof path, "%s/state", v->dir);
+    int rc = 0;
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0) { rc = -errno; goto out; }
+    rc = pwrite_full(fd, buf, len, 0);
+    if (!rc && fsync(fd) < 0) rc = -errno;
+    close(fd);
+    if (!rc && rename(tmp, path) < 0) rc = -errno;
+    if (!rc) {
+        int dfd = open(v->dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (dfd < 0 || fsync(dfd) < 0) rc = -errno;
+        if (dfd >= 0) close(dfd);
+    }
+    if (bytes_out) *bytes_out = len;
+out:
+    free(buf);
+    return rc;
+}
+
+static int read_state_file(struct volume *v, uint64_t *ckpt_seq, char *err, size_t errlen) {
+    char path[4096 + 32];
+    snprintf(path, sizeof path, "%s/state", v->dir);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -errno;
+    struct stat sb;
+    if (fstat(fd, &sb) < 0) { int e = -errno; close(fd); return e; }
+    size_t len = (size_t)sb.st_size;
+    uint8_t *buf = malloc(len ? len : 1);
+    if (!buf) { close(fd); return -ENOMEM; }
+    int rc = pread_full(fd, buf, len, 0);
+    close(fd);
+    if (rc) { free(buf); return rc; }
+    rc = -EUCLEAN;
+    if (len < STATE_HDR + 4 || get_le32(buf) != STATE_MAGIC || crc32c(0, buf, len - 4) != get_le32(buf + len - 4)) {
+        snprintf(err, errlen, "state file %s is corrupt (bad magic or checksum)", path);
+        goto out;
+    }
+    if (get_le32(buf + 4) != STATE_VERSION || get_le32(buf + 8) != GLIDE_BLOCK_SIZE) {
+        snprintf(err, errlen, "state file %s has an unsupported version or block size", path);
+        goto out;
+    }
+    uint64_t nblocks = get_le64(buf + 16);
+    if (nblocks != v->nblocks) {
+        snprintf(err, errlen, "volume at %s has %llu bytes but the configuration says %llu; "
+                 "resizing is not supported", v->dir,
+                 (unsigned long long)(nblocks * GLIDE_BLOCK_SIZE), (unsigned long long)v->size);
+        rc = -EINVAL;
+        goto out;
+    }
+    *ckpt_seq = get_le64(buf + 24);
+    v->manifest_version = get_le64(buf + 32);
+    memcpy(v->volume_id, buf + 40, 16);
+    uint64_t rlen = get_le64(buf + 56);
+    if (rlen != len - 4 - STATE_HDR) { snprintf(err, errlen, "state file %s: bad length", path); goto out; }
+    size_t pos = STATE_HDR;
+    uint64_t lba = 0;
+    while (pos < len - 4) {
+        uint64_t x;
+        if (get_varint(buf, len - 4, &pos, &x) < 0) break;
+        uint64_t count = x >> 2;
+        uint8_t base = (uint8_t)(x & 3);
+        if (base > BLOCK_ZERO || count > nblocks - lba) { lba = UINT64_MAX; break; }
+        if (base != BLOCK_ABSENT)
+            for (uint64_t i = 0; i < count; i++) block_index_set_base(v->bi, lba + i, base);
+        lba += count;
+    }
+    if (lba != nblocks) { snprintf(err, errlen, "state file %s: block runs do not cover the volume", path); goto out; }
+    rc = 0;
+out:
+    free(buf);
+    return rc;
+}
+
+/* ---------- open / close ---------- */
+
+static int replay_apply(void *ctx, const struct wal_record *r, struct wal_segment *seg, uint64_t data_off);
+
+int volume_open(const struct volume_config *cfg, struct volume **out, char *err, size_t errlen) {
+    err[0] = 0;
+    if (cfg->size == 0 || cfg->size % GLIDE_BLOCK_SIZE) {
+        snprintf(err, errlen, "volume size %llu is not a positive multiple of %u",
+                 (unsigned long long)cfg->size, GLIDE_BLOCK_SIZE);
+        return -EINVAL;
+    }
+    struct volume *v = calloc(1, sizeof *v);
+    if (!v) return -ENOMEM;
+    snprintf(v->dir, sizeof v->dir, "%s", cfg->dir);
+    v->size = cfg->size;
+    v->nblocks = cfg->size / GLIDE_BLOCK_SIZE;
+    v->wal_budget = cfg->wal_budget;
+    v->cache_fd = -1;
+    v->pressure_efd = -1;
+    v->wal.dir_fd = -1;
+    pthread_mutex_init(&v->idx_mu, NULL);
+    pthread_mutex_init(&v->ckpt_mu, NULL);
+    pthread_mutex_init(&v->rmw_mu, NULL);
+    pthread_mutex_init(&v->conn_mu, NULL);
+    pthread_cond_init(&v->conn_cv, NULL);
+    pthread_cond_init(&v->space_cv, NULL);
+    int rc;
+    v->bi = block_index_create(v->nblocks);
+    if (!v->bi) { rc = -ENOMEM; goto fail; }
+    if (mkdir(v->dir, 0700) < 0 && errno != EEXIST) {
+        rc = -errno;
+        snprintf(err, errlen, "cannot create %s: %s", v->dir, strerror(errno));
+        goto fail;
+    }
+    char path[4096 + 32];
+    snprintf(path, sizeof path, "%s/cache", v->dir);
+    v->cache_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (v->cache_fd < 0) { rc = -errno; snprintf(err, errlen, "cannot open %s: %s", path, strerror(errno)); goto fail; }
+    struct stat sb;
+    if (fstat(v->cache_fd, &sb) < 0) { rc = -errno; goto fail; }
+    if ((uint64_t)sb.st_size != v->size && ftruncate(v->cache_fd, (off_t)v->size) < 0) {
+        rc = -errno;
+        snprintf(err, errlen, "cannot size cache file %s: %s", path, strerror(errno));
+        goto fail;
+    }
+
+    uint64_t ckpt = 0;
+    rc = read_state_file(v, &ckpt, err, errlen);
+    if (rc == -ENOENT) {
+        /* A new volume. The state file is written before any WAL exists, so a
+         * WAL without a state file never happens. */
+        if (getrandom(v->volume_id, sizeof v->volume_id, 0) != sizeof v->volume_id) { rc = -EIO; goto fail; }
+        uint8_t *bases = calloc(v->nblocks, 1);
+        if (!bases) { rc = -ENOMEM; goto fail; }
+        rc = write_state_file(v, bases, 0, NULL);
+        free(bases);
+        if (rc) { snprintf(err, errlen, "cannot write state file in %s: %s", v->dir, strerror(-rc)); goto fail; }
+    } else if (rc) {
+        if (!err[0]) snprintf(err, errlen, "cannot read state file in %s: %s", v->dir, strerror(-rc));
+        goto fail;
+    }
+    v->checkpoint_seq = ckpt;
+
+    snprintf(path, sizeof path, "%s/wal", v->dir);
+    rc = wal_open(&v->wal, path, v->volume_id, cfg->seg_size, ckpt, replay_apply, v, &v->replay, err, errlen);
+    if (rc) {
+        if (!err[0]) snprintf(err, errlen, "cannot open WAL in %s: %s", path, strerror(-rc));
+        goto fail;
+    }
+    v->pressure_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (v->pressure_efd < 0) { rc = -errno; goto fail; }
+    *out = v;
+    return 0;
+fail:
+    volume_close(v);
+    return rc;
+}
+
+void volume_close(struct volume *v) {
+    if (!v) return;
+    wal_close(&v->wal);
+    if (v->cache_fd >= 0) close(v->cache_fd);
+    if (v->pressure_efd >= 0) close(v->pressure_efd);
+    block_index_destroy(v->bi);
+    free(v);
+}
+
+/* ---------- index updates (caller holds wal.mu and idx_mu) ---------- */
+
+static int block_is_zero_clean(struct volume *v, uint64_t lba) {
+    uint8_t s = block_index_state(v->bi, lba);
+    if (s & BLOCK_DIRTY) return 0;
+    /* Until a store is attached an ABSENT block has no other copy: zeros. */
+    return (s & BLOCK_BASE_MASK) == BLOCK_ZERO || (s & BLOCK_BASE_MASK) == BLOCK_ABSENT;
+}
+
+static int apply_record(struct volume *v, const struct wal_record *r, struct wal_segment *seg, uint64_t data_off) {
+    if (r->lba >= v->nblocks || r->nblocks > v->nblocks - r->lba) return -ERANGE;
+    for (uint32_t i = 0; i < r->nblocks; i++) {
+        uint64_t lba = r->lba + i;
+        if (r->kind == WAL_KIND_ZERO_HOLE && block_is_zero_clean(v, lba)) continue;
+        uint64_t off = r->kind == WAL_KIND_DATA ? data_off + (uint64_t)i * GLIDE_BLOCK_SIZE : 0;
+        if (block_index_add_version(v->bi, lba, r->seq, r->kind, r->kind == WAL_KIND_DATA ? seg : NULL, off) < 0)
+            return -ENOMEM;
+        atomic_fetch_add(&v->nversions, 1);
+    }
+    return 0;
+}
+
+static int replay_apply(void *ctx, const struct wal_record *r, struct wal_segment *seg, uint64_t data_off) {
+    return apply_record(ctx, r, seg, data_off);
+}
+
+/* ---------- write path ---------- */
+
+uint64_t volume_charge(struct volume *v) {
+    return v->wal.live_bytes + atomic_load(&v->nversions) * VERSION_CHARGE;
+}
+
+static void wait_for_budget(struct volume *v, uint64_t need) {
+    /* caller holds wal.mu */
+    for (;;) {
+        uint64_t charge = volume_charge(v);
+        if (charge * 2 > v->wal_budget && !v->pressure_signaled) {
+            uint64_t one = 1;
+            if (write(v->pressure_efd, &one, sizeof one) == sizeof one) v->pressure_signaled = 1;
+        }
+        /* Wait only if a checkpoint could free something; a single request larger
+         * than the whole budget goes through on an empty log. */
+        if (charge + need <= v->wal_budget || atomic_load(&v->nversions) == 0 || v->wal.stopping) return;
+        atomic_fetch_add(&v->st.backpressure_waits, 1);
+        pthread_cond_wait(&v->space_cv, &v->wal.mu);
+    }
+}
+
+static int append_and_index(struct volume *v, uint8_t kind, uint64_t lba, uint64_t nblocks, const void *data,
+                            uint64_t *seq) {
+    int rc = atomic_load(&v->failed);
+    if (rc) return -rc;
+    pthread_mutex_lock(&v->wal.mu);
+    if (kind == WAL_KIND_ZERO_HOLE) {
+        /* Skip the record entirely when every block is already zero and clean:
+         * discarding a fresh disk costs nothing. */
+        pthread_mutex_lock(&v->idx_mu);
+        uint64_t i = 0;
+        while (i < nblocks && block_is_zero_clean(v, lba + i)) i++;
+        pthread_mutex_unlock(&v->idx_mu);
+        if (i == nblocks) { pthread_mutex_unlock(&v->wal.mu); *seq = 0; return 0; }
+    }
+    uint64_t need = WAL_REC_HDR_SIZE + (kind == WAL_KIND_DATA ? nblocks * GLIDE_BLOCK_SIZE : 0) +
+                    nblocks * VERSION_CHARGE;
+    wait_for_budget(v, need);
+    struct wal_append_result res;
+    rc = wal_append_locked(&v->wal, kind, lba, (uint32_t)nblocks, data, &res);
+    if (rc == 0) {
+        struct wal_record r = {.kind = kind, .seq = res.seq, .lba = lba, .nblocks = (uint32_t)nblocks};
+        pthread_mutex_lock(&v->idx_mu);
+        rc = apply_record(v, &r, res.seg, res.data_off);
+        pthread_mutex_unlock(&v->idx_mu);
+        if (rc) set_failed(v, ENOMEM);
+        *seq = res.seq;
+    }
+    pthread_mutex_unlock(&v->wal.mu);
+    if (rc == -ENOSPC || rc == -EDQUOT) return -ENOSPC;
+    if (rc) atomic_fetch_add(&v->st.errors, 1);
+    return rc;
+}
+
+static int check_range(struct volume *v, uint64_t off, uint64_t len) {
+    if (off > v->size || len > v->size - off) return -ERANGE;
+    return 0;
+}
+
+static int write_aligned(struct volume *v, uint64_t lba, uint64_t nblocks, const uint8_t *data, uint64_t *seq) {
+    /* One record per at most GLIDE_MAX_IO bytes (requests are never larger). */
+    const uint64_t maxb = GLIDE_MAX_IO / GLIDE_BLOCK_SIZE;
+    while (nblocks) {
+        uint64_t n = nblocks < maxb ? nblocks : maxb;
+        int rc = append_and_index(v, WAL_KIND_DATA, lba, n, data, seq);
+        if (rc) return rc;
+        lba += n; nblocks -= n; data += n * GLIDE_BLOCK_SIZE;
+    }
+    return 0;
+}
+
+/* Partial block at the edges: read the whole block, patch it, write it back,
+ * under rmw_mu so two partial writes to one block cannot lose each other. */
+static int write_partial(struct volume *v, uint64_t off, uint64_t len, const void *data, uint64_t *seq) {
+    uint8_t blk[GLIDE_BLOCK_SIZE];
+    uint64_t lba = off / GLIDE_BLOCK_SIZE;
+    uint64_t in = off % GLIDE_BLOCK_SIZE;
+    int rc = volume_read(v, lba * GLIDE_BLOCK_SIZE, GLIDE_BLOCK_SIZE, blk);
+    if (rc) return rc;
+    if (data) memcpy(blk + in, data, len); else memset(blk + in, 0, len);
+    return write_aligned(v, lba, 1, blk, seq);
+}
+
+static int write_range(struct volume *v, uint64_t off, uint64_t len, const uint8_t *data, int zero_kind,
+                       uint64_t *seq) {
+    uint64_t s = 0;
+    *seq = 0;
+    int rc = 0;
+    uint64_t head = off % GLIDE_BLOCK_SIZE;
+    if (head || len < GLIDE_BLOCK_SIZE) {
+        uint64_t n = GLIDE_BLOCK_SIZE - head;
+        if (n > len) n = len;
+        pthread_mutex_lock(&v->rmw_mu);
+        rc = write_partial(v, off, n, data, &s);
+        pthread_mutex_unlock(&v->rmw_mu);
+        if (rc) return rc;
+        if (s > *seq) *seq = s;
+        off += n; len -= n;
+        if (data) data += n;
+    }
+    uint64_t full = len / GLIDE_BLOCK_SIZE;
+    if (full) {
+        if (data) rc = write_aligned(v, off / GLIDE_BLOCK_SIZE, full, data, &s);
+        else {
+            /* Zero records carry no data, but stay in bounded slices so one huge
+             * request cannot take the whole index charge at once. */
+            uint64_t lba = off / GLIDE_BLOCK_SIZE, left = full;
+            const uint64_t slice = 1u << 18;
+            while (left && !rc) {
+                uint64_t n = left < slice ? left : slice;
+                uint64_t s2 = 0;
+                rc = append_and_index(v, (uint8_t)zero_kind, lba, n, NULL, &s2);
+                if (s2 > s) s = s2;
+                lba += n; left -= n;
+            }
+        }
+        if (rc) return rc;
+        if (s > *seq) *seq = s;
+        off += full * GLIDE_BLOCK_SIZE;
+        len -= full * GLIDE_BLOCK_SIZE;
+        if (data) data += full * GLIDE_BLOCK_SIZE;
+    }
+    if (len) {
+        pthread_mutex_lock(&v->rmw_mu);
+        rc = write_partial(v, off, len, data, &s);
+        pthread_mutex_unlock(&v->rmw_mu);
+        if (rc) return rc;
+        if (s > *seq) *seq = s;
+    }
+    return 0;
+}
+
+int volume_write(struct volume *v, uint64_t off, uint64_t len, const void *buf, uint64_t *seq) {
+    *seq = 0;
+    if (check_range(v, off, len)) return -ENOSPC;
+    if (!len) return 0;
+    atomic_fetch_add(&v->st.writes, 1);
+    atomic_fetch_add(&v->st.write_bytes, len);
+    return write_range(v, off, len, buf, 0, seq);
+}
+
+int volume_write_zeroes(struct volume *v, uint64_t off, uint64_t len, int no_hole, uint64_t *seq) {
+    *seq = 0;
+    if (check_range(v, off, len)) return -ENOSPC;
+    if (!len) return 0;
+    atomic_fetch_add(&v->st.zeroes, 1);
+    return write_range(v, off, len, NULL, no_hole ? WAL_KIND_ZERO_ALLOC : WAL_KIND_ZERO_HOLE, seq);
+}
+
+int volume_trim(struct volume *v, uint64_t off, uint64_t len, uint64_t *seq) {
+    *seq = 0;
+    if (check_range(v, off, len)) return -EINVAL;
+    atomic_fetch_add(&v->st.trims, 1);
+    /* TRIM is advisory: only whole blocks inside the range are discarded. */
+    uint64_t first = (off + GLIDE_BLOCK_SIZE - 1) / GLIDE_BLOCK_SIZE;
+    uint64_t end = (off + len) / GLIDE_BLOCK_SIZE;
+    if (end <= first) return 0;
+    return write_range(v, first * GLIDE_BLOCK_SIZE, (end - first) * GLIDE_BLOCK_SIZE, NULL,
+                       WAL_KIND_ZERO_HOLE, seq);
+}
+
+int volume_flush(struct volume *v) {
+    atomic_fetch_add(&v->st.flushes, 1);
+    return wal_sync_wait(&v->wal, wal_last_seq(&v->wal));
+}
+
+/* ---------- read path ---------- */
+
+enum src_kind { SRC_ZERO, SRC_CACHE, SRC_WAL };
+struct plan_entry {
+    uint8_t kind;
+    struct wal_segment *seg; /* referenced while the read runs */
+    uint64_t off;
+};
+
+static void plan_block(struct volume *v, uint64_t lba, const struct block_version *ver, struct plan_entry *p) {
+    if (ver) {
+        if (ver->kind == WAL_KIND_DATA) {
+            p->kind = SRC_WAL;
+            p->seg = ver->seg;
+            p->off = ver->off;
+            wal_segment_get(p->seg);
+        } else {
+            p->kind = SRC_ZERO;
+        }
+        return;
+    }
+    uint8_t base = block_index_state(v->bi, lba) & BLOCK_BASE_MASK;
+    if (base == BLOCK_CLEAN) { p->kind = SRC_CACHE; p->off = lba * GLIDE_BLOCK_SIZE; }
+    else p->kind = SRC_ZERO;
+}
+
+/* Execute a plan of n consecutive blocks into out, coalescing runs that are
+ * contiguous in the same file into one pread. Drops the segment references. */
+static int run_plan(struct volume *v, struct plan_entry *p, int n, uint8_t *out) {
+    int rc = 0;
+    for (int i = 0; i < n;) {
+        int j = i + 1;
+        if (p[i].kind == SRC_ZERO) {
+            while (j < n && p[j].kind == SRC_ZERO) j++;
+            memset(out + (size_t)i * GLIDE_BLOCK_SIZE, 0, (size_t)(j - i) * GLIDE_BLOCK_SIZE);
+        } else {
+            while (j < n && p[j].kind == p[i].kind && p[j].seg == p[i].seg &&
+                   p[j].off == p[i].off + (uint64_t)(j - i) * GLIDE_BLOCK_SIZE)
+                j++;
+            int fd = p[i].kind == SRC_CACHE ? v->cache_fd : p[i].seg->fd;
+            int r = pread_full(fd, out + (size_t)i * GLIDE_BLOCK_SIZE, (size_t)(j - i) * GLIDE_BLOCK_SIZE, p[i].off);
+            if (r && !rc) rc = r;
+        }
+        i = j;
+    }
+    for (int i = 0; i < n; i++)
+        if (p[i].kind == SRC_WAL) wal_segment_put(p[i].seg);
+    return rc;
+}
+
+static int read_blocks(struct volume *v, uint64_t lba, uint64_t nblocks, uint8_t *out, uint64_t as_of) {
+    struct plan_entry plan[PLAN_CHUNK];
+    while (nblocks) {
+        int n = nblocks < PLAN_CHUNK ? (int)nblocks : PLAN_CHUNK;
+        pthread_mutex_lock(&v->idx_mu);
+        for (int i = 0; i < n; i++) {
+            const struct block_version *ver = as_of == UINT64_MAX ? block_index_latest(v->bi, lba + i)
+                                                                  : block_index_as_of(v->bi, lba + i, as_of);
+            plan_block(v, lba + i, ver, &plan[i]);
+        }
+        pthread_mutex_unlock(&v->idx_mu);
+        int rc = run_plan(v, plan, n, out);
+        if (rc) { atomic_fetch_add(&v->st.errors, 1); return rc; }
+        lba += (uint64_t)n; nblocks -= (uint64_t)n; out += (size_t)n * GLIDE_BLOCK_SIZE;
+    }
+    return 0;
+}
+
+int volume_read(struct volume *v, uint64_t off, uint64_t len, void *buf) {
+    if (check_range(v, off, len)) return -EINVAL;
+    if (!len) return 0;
+    atomic_fetch_add(&v->st.reads, 1);
+    atomic_fetch_add(&v->st.read_bytes, len);
+    uint8_t *out = buf;
+    uint64_t head = off % GLIDE_BLOCK_SIZE;
+    if (head || len < GLIDE_BLOCK_SIZE) {
+        uint8_t blk[GLIDE_BLOCK_SIZE];
+        uint64_t n = GLIDE_BLOCK_SIZE - head;
+        if (n > len) n = len;
+        int rc = read_blocks(v, off / GLIDE_BLOCK_SIZE, 1, blk, UINT64_MAX);
+        if (rc) return rc;
+        memcpy(out, blk + head, n);
+        off += n; len -= n; out += n;
+    }
+    uint64_t full = len / GLIDE_BLOCK_SIZE;
+    if (full) {
+        int rc = read_blocks(v, off / GLIDE_BLOCK_SIZE, full, out, UINT64_MAX);
+        if (rc) return rc;
+        off += full * GLIDE_BLOCK_SIZE; len -= full * GLIDE_BLOCK_SIZE; out += full * GLIDE_BLOCK_SIZE;
+    }
+    if (len) {
+        uint8_t blk[GLIDE_BLOCK_SIZE];
+        int rc = read_blocks(v, off / GLIDE_BLOCK_SIZE, 1, blk, UINT64_MAX);
+        if (rc) return rc;
+        memcpy(out, blk, len);
+    }
+    return 0;
+}
+
+int volume_read_block_as_of(struct volume *v, uint64_t lba, uint64_t seq, void *buf) {
+    if (lba >= v->nblocks) return -EINVAL;
+    return read_blocks(v, lba, 1, buf, seq);
+}
+
+/* ---------- block status ---------- */
+
+static uint32_t block_flags(struct volume *v, uint64_t lba) {
+    const struct block_version *ver = block_index_latest(v->bi, lba);
+    if (ver) {
+        if (ver->kind == WAL_KIND_DATA) return 0;
+        return ver->kind == WAL_KIND_ZERO_ALLOC ? 2u : 3u;
+    }
+    uint8_t base = block_index_state(v->bi, lba) & BLOCK_BASE_MASK;
+    return base == BLOCK_CLEAN ? 0u : 3u;
+}
+
+int volume_block_status(struct volume *v, uint64_t off, uint64_t len, extent_fn fn, void *ctx) {
+    if (check_range(v, off, len) || !len) return -EINVAL;
+    uint64_t lba = off / GLIDE_BLOCK_SIZE;
+    uint64_t end = (off + len + GLIDE_BLOCK_SIZE - 1) / GLIDE_BLOCK_SIZE;
+    uint64_t pos = off;
+    while (lba < end) {
+        pthread_mutex_lock(&v->idx_mu);
+        uint32_t f = block_flags(v, lba);
+        uint64_t j = lba + 1;
+        /* bounded run per lock hold so a huge request cannot stall writers */
+        while (j < end && j - lba < (1u << 16) && block_flags(v, j) == f) j++;
+        pthread_mutex_unlock(&v->idx_mu);
+        uint64_t stop = j * GLIDE_BLOCK_SIZE;
+        if (stop > v->size) stop = v->size;
+        uint64_t elen = stop - pos;
+        int rc = fn(ctx, elen, f);
+        if (rc) return rc > 0 ? 0 : rc;
+        pos = stop;
+        lba = j;
+    }
+    return 0;
+}
+
+/* ---------- checkpoint ---------- */
+
+struct wb_item {
+    uint64_t lba;
+    uint64_t off;
+    struct wal_segment *seg;
+    uint8_t kind;
+};
+
+struct wb_list {
+    struct wb_item *items;
+    size_t n, cap;
+};
+
+static int collect_wb(void *ctx, uint64_t lba, const struct block_version *ver) {
+    struct wb_list *l = ctx;
+    if (l->n == l->cap) {
+        size_t nc = l->cap ? l->cap * 2 : 1024;
+        struct wb_item *ni = realloc(l->items, nc * sizeof *ni);
+        if (!ni) return -ENOMEM;
+        l->items = ni;
+        l->cap = nc;
+    }
+    l->items[l->n++] = (struct wb_item){lba, ver->off, ver->seg, ver->kind};
+    return 0;
+}
+
+static int cmp_wb(const void *a, const void *b) {
+    uint64_t x = ((const struct wb_item *)a)->lba, y = ((const struct wb_item *)b)->lba;
+    return x < y ? -1 : x > y;
+}
+
+static int write_back(struct volume *v, struct wb_list *l, struct checkpoint_stats *st) {
+    uint8_t *buf = malloc(GLIDE_BLOCK_SIZE);
+    if (!buf) return -ENOMEM;
+    int rc = 0;
+    for (size_t i = 0; i < l->n && !rc; i++) {
+        struct wb_item *it = &l->items[i];
+        uint64_t coff = it->lba * GLIDE_BLOCK_SIZE;
+        if (it->kind == WAL_KIND_DATA) {
+            rc = pread_full(it->seg->fd, buf, GLIDE_BLOCK_SIZE, it->off);
+            if (!rc) rc = pwrite_full(v->cache_fd, buf, GLIDE_BLOCK_SIZE, coff);
+            st->blocks_written++;
+        } else {
+            int mode = it->kind == WAL_KIND_ZERO_HOLE ? (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
+                                                      : (FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE);
+            if (fallocate(v->cache_fd, mode, (off_t)coff, GLIDE_BLOCK_SIZE) < 0) {
+                memset(buf, 0, GLIDE_BLOCK_SIZE);
+                rc = pwrite_full(v->cache_fd, buf, GLIDE_BLOCK_SIZE, coff);
+            }
+            st->blocks_zeroed++;
+        }
+    }
+    free(buf);
+    return rc;
+}
+
+int volume_checkpoint(struct volume *v, uint64_t upto, struct checkpoint_stats *st) {
+    memset(st, 0, sizeof *st);
+    int rc = atomic_load(&v->failed);
+    if (rc) return -rc;
+    pthread_mutex_lock(&v->ckpt_mu);
+    uint64_t cut;
+    pthread_mutex_lock(&v->wal.mu);
+    rc = wal_cut_locked(&v->wal, &cut);
+    pthread_mutex_unlock(&v->wal.mu);
+    if (rc) goto out;
+    if (upto < cut) cut = upto;
+    st->cut_seq = cut;
+    if (cut <= v->checkpoint_seq) goto out;
+
+    /* 1. the records being written back must be durable before the cache file
+     *    holds anything derived from them */
+    rc = wal_sync_wait(&v->wal, cut);
+    if (rc) goto out;
+
+    /* 2. copy each block's newest version <= cut into the cache file; the
+     *    blocks stay DIRTY meanwhile, so readers keep using the WAL */
+    struct wb_list l = {0};
+    pthread_mutex_lock(&v->idx_mu);
+    rc = block_index_visit_upto(v->bi, cut, collect_wb, &l);
+    pthread_mutex_unlock(&v->idx_mu);
+    if (!rc) {
+        qsort(l.items, l.n, sizeof *l.items, cmp_wb);
+        rc = write_back(v, &l, st);
+    }
+    free(l.items);
+    if (rc) { set_failed(v, -rc); goto out; }
+    if (fdatasync(v->cache_fd) < 0) { rc = -errno; set_failed(v, errno); goto out; }
+
+    /* 3. forget versions <= cut and snapshot the base states as of cut */
+    uint8_t *bases = malloc(v->nblocks);
+    if (!bases) { rc = -ENOMEM; goto out; }
+    pthread_mutex_lock(&v->idx_mu);
+    uint64_t before = block_index_version_count(v->bi);
+    block_index_drop_upto(v->bi, cut);
+    atomic_fetch_sub(&v->nversions, before - block_index_version_count(v->bi));
+    for (uint64_t i = 0; i < v->nblocks; i++) bases[i] = block_index_state(v->bi, i) & BLOCK_BASE_MASK;
+    pthread_mutex_unlock(&v->idx_mu);
+
+    /* 4. persist, then the WAL up to cut is no longer needed */
+    rc = write_state_file(v, bases, cut, &st->state_bytes);
+    free(bases);
+    if (rc) { set_failed(v, -rc); goto out; }
+    v->checkpoint_seq = cut;
+    wal_retire_upto(&v->wal, cut);
+    atomic_fetch_add(&v->st.checkpoints, 1);
+
+    pthread_mutex_lock(&v->wal.mu);
+    v->pressure_signaled = 0;
+    pthread_cond_broadcast(&v->space_cv);
+    pthread_mutex_unlock(&v->wal.mu);
+out:
+    pthread_mutex_unlock(&v->ckpt_mu);
+    return rc;
+}

@@ -1,0 +1,99 @@
+/* volume.h — one exported volume: WAL + block index + cache file + state file.
+ *
+ * Lock order: wal.mu -> idx_mu. Writes hold wal.mu across append and index
+ * update, so a checkpoint that cuts the WAL under wal.mu sees every record up
+ * to its cut in the index. Reads hold idx_mu only while planning (which file,
+ * which offset, taking a reference on a WAL segment) and do their I/O unlocked.
+ *
+ * Invariant 4 (a block served from the cache file is never stale) holds by
+ * ordering: the cache file is written only by a checkpoint, only for blocks
+ * that are still DIRTY (so no reader looks at the cache file for them), and
+ * only after the WAL records being written back are durable; the blocks leave
+ * DIRTY only after the cache file's fdatasync.
+ */
+#ifndef GLIDE_VOLUME_H
+#define GLIDE_VOLUME_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+
+#include "block_index.h"
+#include "wal.h"
+
+struct nbd_conn;
+
+struct volume_config {
+    const char *dir;
+    uint64_t size;       /* bytes, a multiple of the block size */
+    uint64_t wal_budget; /* bytes of WAL + index charge before writers wait */
+    uint64_t seg_size;   /* target WAL segment size */
+};
+
+struct volume_stats {
+    atomic_ulong reads, writes, flushes, trims, zeroes, read_bytes, write_bytes;
+    atomic_ulong backpressure_waits, checkpoints, errors;
+};
+
+struct volume {
+    char dir[4096];
+    uint64_t size, nblocks;
+    uint8_t volume_id[16];
+    int cache_fd;
+    struct wal wal;
+    pthread_cond_t space_cv; /* with wal.mu: writers waiting for budget */
+    uint64_t wal_budget;
+    int pressure_efd;        /* readable when a checkpoint would help */
+    int pressure_signaled;
+
+    pthread_mutex_t idx_mu;
+    struct block_index *bi;
+    atomic_ulong nversions;
+
+    pthread_mutex_t ckpt_mu; /* one checkpoint at a time */
+    uint64_t checkpoint_seq;
+    uint64_t manifest_version;
+
+    pthread_mutex_t rmw_mu;  /* serialises read-modify-write of partial blocks */
+    atomic_int failed;       /* sticky errno after an unrecoverable I/O error */
+
+    pthread_mutex_t conn_mu;
+    pthread_cond_t conn_cv;
+    struct nbd_conn *conns;
+    int nconns;
+
+    struct volume_stats st;
+    struct wal_replay_stats replay;
+};
+
+struct checkpoint_stats {
+    uint64_t cut_seq, blocks_written, blocks_zeroed, state_bytes;
+};
+
+int volume_open(const struct volume_config *cfg, struct volume **out, char *err, size_t errlen);
+void volume_close(struct volume *v);
+
+/* All return 0 or -errno. Any offset/length is accepted; partial blocks are
+ * read-modify-written. *seq receives the WAL sequence to wait on for
+ * durability (0 if the call changed nothing). */
+int volume_read(struct volume *v, uint64_t off, uint64_t len, void *buf);
+int volume_write(struct volume *v, uint64_t off, uint64_t len, const void *buf, uint64_t *seq);
+int volume_trim(struct volume *v, uint64_t off, uint64_t len, uint64_t *seq);
+int volume_write_zeroes(struct volume *v, uint64_t off, uint64_t len, int no_hole, uint64_t *seq);
+int volume_flush(struct volume *v); /* blocking group-committed flush of everything so far */
+
+/* Block's content as of a WAL sequence number (for the flusher). */
+int volume_read_block_as_of(struct volume *v, uint64_t lba, uint64_t seq, void *buf);
+
+/* base:allocation flags (NBD_STATE_HOLE=1, NBD_STATE_ZERO=2) of consecutive
+ * extents covering [off, off+len); fn returns nonzero to stop. */
+typedef int (*extent_fn)(void *ctx, uint64_t len, uint32_t flags);
+int volume_block_status(struct volume *v, uint64_t off, uint64_t len, extent_fn fn, void *ctx);
+
+/* Write back every version <= upto (UINT64_MAX: everything so far) into the
+ * cache file, persist the state file, delete the WAL segments it covered. */
+int volume_checkpoint(struct volume *v, uint64_t upto, struct checkpoint_stats *st);
+
+uint64_t volume_charge(struct volume *v); /* current WAL + index charge */
+
+#endif

@@ -1,0 +1,167 @@
+"""Shared fixtures: a real glidefs daemon in a temporary directory.
+
+Tests drive the daemon only from the outside (real processes, real sockets,
+real clients), so the fixture starts `python -m glide serve` as a subprocess
+and waits for its readiness line. Every process a test starts is killed at
+teardown, whatever the test did.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+READY_LINE = "glidefs: ready"
+MiB = 1 << 20
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def require_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed; run the README test command, which installs it")
+    return path
+
+
+class Daemon:
+    """One `glidefs serve` process over one data directory.
+
+    The data directory outlives the process, so a test can kill -9 the daemon
+    and start a new one over the same directory with `start()` again.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        volumes: list[tuple[str, int]] | None = None,
+        extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.data_dir = data_dir
+        self.volumes = volumes if volumes is not None else [("vol0", 256 * MiB)]
+        self.extra_args = list(extra_args or [])
+        self.env = env
+        self.unix_socket = str(data_dir / "nbd.sock")
+        self.tcp_port = free_tcp_port()
+        self.proc: subprocess.Popen[str] | None = None
+        self.log_path = data_dir / "daemon.log"
+        self.output: list[str] = []
+
+    def command(self) -> list[str]:
+        cmd = [
+            sys.executable, "-m", "glide", "serve",
+            "--data-dir", str(self.data_dir),
+            "--nbd-unix", self.unix_socket,
+            "--nbd-tcp", f"127.0.0.1:{self.tcp_port}",
+        ]
+        for name, size in self.volumes:
+            cmd += ["--volume", f"{name}:{size}"]
+        return cmd + self.extra_args
+
+    def start(self, timeout: float = 30.0) -> None:
+        assert self.proc is None or self.proc.poll() is not None, "daemon already running"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        env.update(self.env or {})
+        log = open(self.log_path, "a")
+        self.proc = subprocess.Popen(
+            self.command(), stdout=subprocess.PIPE, stderr=log, text=True, env=env
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        assert self.proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            self.output.append(line)
+            if line.startswith(READY_LINE):
+                return
+        self.kill9()
+        raise AssertionError(
+            f"daemon did not become ready; stdout={''.join(self.output)!r}\n"
+            f"stderr={self.log_path.read_text()[-4000:]}"
+        )
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def uri(self, volume: str | None = None, tcp: bool = False) -> str:
+        name = volume or self.volumes[0][0]
+        if tcp:
+            return f"nbd://127.0.0.1:{self.tcp_port}/{name}"
+        return f"nbd+unix:///{name}?socket={self.unix_socket}"
+
+    def kill9(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(timeout=timeout)
+        return rc
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stderr_text(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+
+@pytest.fixture
+def tmp_short() -> Iterator[Path]:
+    """A short temporary directory: AF_UNIX paths must stay under 108 bytes."""
+    d = Path(tempfile.mkdtemp(prefix="gfs-", dir="/tmp"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon_factory(tmp_short: Path) -> Iterator:
+    started: list[Daemon] = []
+
+    def make(
+        volumes: list[tuple[str, int]] | None = None,
+        extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        data_dir: Path | None = None,
+        start: bool = True,
+    ) -> Daemon:
+        d = Daemon(data_dir or (tmp_short / f"data{len(started)}"), volumes, extra_args, env)
+        started.append(d)
+        if start:
+            d.start()
+        return d
+
+    yield make
+    for d in started:
+        d.kill9()
+
+
+@pytest.fixture
+def daemon(daemon_factory) -> Daemon:
+    """A running daemon with one 256 MiB volume named vol0."""
+    return daemon_factory()
