@@ -68,7 +68,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from glide import logs
-    from glide.daemon import DataDirInUse, Daemon
+    from glide.daemon import Daemon, DataDirInUse
 
     logs.setup(args.log_level)
     try:

@@ -129,7 +129,8 @@ def load_file(path: Path) -> Config:
     for i, vol in enumerate(raw.get("volume", [])):
         if "name" not in vol or "size" not in vol:
             raise ConfigError(f"config file {path}: [[volume]] #{i + 1} needs name and size")
-        cfg.volumes.append(VolumeConfig(vol["name"], parse_size(vol["size"], f"volume {vol['name']}")))
+        size = parse_size(vol["size"], f"volume {vol['name']}")
+        cfg.volumes.append(VolumeConfig(vol["name"], size))
     return cfg
 
 

@@ -304,7 +304,10 @@ class Daemon:
         notify = os.environ.get("NOTIFY_SOCKET")
         if notify:
             addr = "\0" + notify[1:] if notify.startswith("@") else notify
-            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            with (
+                contextlib.suppress(OSError),
+                socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s,
+            ):
                 s.sendto(f"READY=1\nMAINPID={os.getpid()}".encode(), addr)
 
     def _request_stop(self, sig: int) -> None:

@@ -130,7 +130,8 @@ class Handshake:
         return self.exports.get(name or self.default)
 
     async def run(self) -> tuple[Export, Negotiated] | None:
-        await self.send(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
+        flags = FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES
+        await self.send(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, flags))
         (cflags,) = struct.unpack(">I", await _recv_exact(self.loop, self.sock, 4))
         if cflags & ~(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES):
             raise HandshakeAbort(f"unknown client flags {cflags:#x}")
@@ -206,7 +207,8 @@ class Handshake:
             msg = f"no export named {name!r}".encode()
             await self.reply(opt, REP_ERR_UNKNOWN, msg)
             return None
-        await self.reply(opt, REP_INFO, struct.pack(">HQH", INFO_EXPORT, exp.size, TRANSMISSION_FLAGS))
+        info = struct.pack(">HQH", INFO_EXPORT, exp.size, TRANSMISSION_FLAGS)
+        await self.reply(opt, REP_INFO, info)
         if INFO_NAME in requests:
             await self.reply(opt, REP_INFO, struct.pack(">H", INFO_NAME) + exp.name.encode())
         if INFO_DESCRIPTION in requests and exp.description:
@@ -256,9 +258,8 @@ class Handshake:
             self.neg.meta_on = BASE_ALLOCATION in queries
             self.neg.meta_export = name or self.default
             if self.neg.meta_on:
-                await self.reply(
-                    opt, REP_META_CONTEXT, struct.pack(">I", META_ID_BASE_ALLOCATION) + BASE_ALLOCATION
-                )
+                ctx = struct.pack(">I", META_ID_BASE_ALLOCATION) + BASE_ALLOCATION
+                await self.reply(opt, REP_META_CONTEXT, ctx)
         await self.reply(opt, REP_ACK)
 
 

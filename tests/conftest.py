@@ -77,6 +77,7 @@ class Daemon:
         assert self.proc is None or self.proc.poll() is not None, "daemon already running"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
+        env.update(sanitizer_env())
         env.update(self.env or {})
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen(
@@ -128,6 +129,32 @@ class Daemon:
     def stderr_text(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
+    def sanitizer_report(self) -> str | None:
+        text = self.stderr_text()
+        for marker in ("ERROR: AddressSanitizer", "runtime error:", "ERROR: LeakSanitizer"):
+            i = text.find(marker)
+            if i >= 0:
+                return text[max(0, i - 200):i + 3000]
+        return None
+
+
+def sanitizer_env() -> dict[str, str]:
+    """With GLIDE_DAEMON_SANITIZED=1 (set by tests/test_sanitized.py, which also
+    puts the ASan/UBSan build first on PYTHONPATH) only the daemon runs with the
+    sanitizer runtimes preloaded; the real clients stay unmodified."""
+    if os.environ.get("GLIDE_DAEMON_SANITIZED") != "1":
+        return {}
+    libs = [
+        subprocess.run(["gcc", f"-print-file-name={lib}"], capture_output=True, text=True,
+                       check=True).stdout.strip()
+        for lib in ("libasan.so", "libubsan.so")
+    ]
+    return {
+        "LD_PRELOAD": ":".join(libs),
+        "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1",
+        "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1",
+    }
+
 
 @pytest.fixture
 def tmp_short() -> Iterator[Path]:
@@ -159,6 +186,8 @@ def daemon_factory(tmp_short: Path) -> Iterator:
     yield make
     for d in started:
         d.kill9()
+    reports = [r for d in started if (r := d.sanitizer_report())]
+    assert not reports, "sanitizer report from the daemon:\n" + "\n".join(reports)
 
 
 @pytest.fixture

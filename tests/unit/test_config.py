@@ -1,0 +1,67 @@
+"""Configuration parsing: clear errors for bad input, defaults that run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from glide.cli import build_parser, config_from_args
+from glide.config import ConfigError, load_file, parse_duration, parse_size, validate
+
+
+def test_sizes_and_durations() -> None:
+    assert parse_size("4096", "x") == 4096
+    assert parse_size("256M", "x") == 256 << 20
+    assert parse_size("1GiB", "x") == 1 << 30
+    assert parse_size("2 TB", "x") == 2 << 40
+    assert parse_duration("250ms", "x") == 0.25
+    assert parse_duration("5s", "x") == 5.0
+    for bad in ("-1", "1Q", "lots", ""):
+        with pytest.raises(ConfigError):
+            parse_size(bad, "x")
+    with pytest.raises(ConfigError):
+        parse_duration("0s", "x")
+
+
+def test_defaults_validate(tmp_path: Path) -> None:
+    args = build_parser().parse_args(["serve", "--data-dir", str(tmp_path)])
+    cfg = config_from_args(args)
+    assert [v.name for v in cfg.volumes] == ["default"]
+    assert cfg.nbd_tcp == "127.0.0.1:10809"
+    assert cfg.unix_socket_path() == str(tmp_path / "nbd.sock")
+
+
+def test_toml_file(tmp_path: Path) -> None:
+    f = tmp_path / "glidefs.toml"
+    f.write_text(
+        f'data_dir = "{tmp_path}/d"\n'
+        '[nbd]\ntcp = ""\n'
+        '[cache]\nwal_budget = "512M"\ncheckpoint_interval = "2s"\n'
+        '[[volume]]\nname = "a"\nsize = "1G"\n'
+        '[[volume]]\nname = "b"\nsize = 8192\n'
+    )
+    cfg = load_file(f)
+    validate(cfg)
+    assert cfg.nbd_tcp is None
+    assert cfg.wal_budget == 512 << 20
+    assert [(v.name, v.size) for v in cfg.volumes] == [("a", 1 << 30), ("b", 8192)]
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("[[volume]]\nname='a'\nsize='1000'\n", "multiple of 4096"),
+        ("[[volume]]\nname='a/b'\nsize='1G'\n", "volume name"),
+        ("[[volume]]\nname='a'\nsize='1G'\n[[volume]]\nname='a'\nsize='1G'\n", "twice"),
+        ("bogus = 1\n", "unknown keys"),
+        ("[cache]\nwal_budget = '1M'\n", "wal_budget"),
+        ("[nbd]\ntcp = 'localhost'\n", "HOST:PORT"),
+        ("this is = not toml [", "config file"),
+    ],
+)
+def test_bad_config_is_a_clear_error(tmp_path: Path, text: str, match: str) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        validate(load_file(f))
