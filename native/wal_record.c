@@ -84,6 +84,10 @@ int wal_segment_header_decode(const uint8_t *buf, size_t len, struct wal_segment
     if (len < WAL_SEG_HDR_SIZE) return WAL_DECODE_SHORT;
     if (get_le32(buf) != WAL_SEG_MAGIC) return WAL_DECODE_BAD;
     if (crc32c(0, buf, 60) != get_le32(buf + 60)) return WAL_DECODE_BAD;
+    /* reserved bytes are zero in every version-1 header: anything else is
+     * not ours, even with a matching checksum */
+    for (int i = 40; i < 60; i++)
+        if (buf[i]) return WAL_DECODE_BAD;
     out->version = get_le32(buf + 4);
     if (out->version != WAL_FORMAT_VERSION) return WAL_DECODE_BAD;
     out->seg_id = get_le64(buf + 8);
