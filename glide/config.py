@@ -63,6 +63,15 @@ def default_data_dir() -> Path:
 class VolumeConfig:
     name: str
     size: int
+    ublk: bool = False  # also export as /dev/ublkbN
+    ublk_id: int | None = None  # None: the id the kernel gave last time (kept in the volume dir)
+
+
+@dataclass
+class UblkConfig:
+    queues: int = 1
+    depth: int = 64
+    max_io: int = 512 << 10
 
 
 @dataclass
@@ -74,8 +83,10 @@ class Config:
     wal_budget: int = 1 << 30
     wal_segment_size: int = 64 << 20
     checkpoint_interval: float = 5.0
+    ublk: UblkConfig = field(default_factory=UblkConfig)
+    release_devices: bool = False  # on shutdown delete ublk devices instead of leaving them
     handshake_timeout: float = 10.0
-    max_handshakes: int = 512
+    max_handshakes: int = 1024
     config_path: Path | None = None
 
     def unix_socket_path(self) -> str:
@@ -104,7 +115,7 @@ def load_file(path: Path) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path}: {e}") from e
     cfg = Config(config_path=path)
-    known = {"data_dir", "nbd", "cache", "volume"}
+    known = {"data_dir", "nbd", "cache", "volume", "ublk"}
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"config file {path}: unknown keys {sorted(unknown)}")
@@ -126,17 +137,32 @@ def load_file(path: Path) -> Config:
         cfg.checkpoint_interval = parse_duration(
             cache["checkpoint_interval"], "cache.checkpoint_interval"
         )
+    ublk = raw.get("ublk", {})
+    cfg.ublk = UblkConfig(
+        queues=int(ublk.get("queues", 1)),
+        depth=int(ublk.get("depth", 64)),
+        max_io=parse_size(ublk.get("max_io", 512 << 10), "ublk.max_io"),
+    )
     for i, vol in enumerate(raw.get("volume", [])):
         if "name" not in vol or "size" not in vol:
             raise ConfigError(f"config file {path}: [[volume]] #{i + 1} needs name and size")
         size = parse_size(vol["size"], f"volume {vol['name']}")
-        cfg.volumes.append(VolumeConfig(vol["name"], size))
+        ublk_id = vol.get("ublk_id")
+        if ublk_id is not None and (not isinstance(ublk_id, int) or not 0 <= ublk_id < 1 << 20):
+            raise ConfigError(f"volume {vol['name']}: ublk_id must be a small non-negative integer")
+        cfg.volumes.append(
+            VolumeConfig(vol["name"], size, bool(vol.get("ublk", False)), ublk_id)
+        )
     return cfg
 
 
-def validate(cfg: Config) -> None:
+def ensure_default_volume(cfg: Config) -> None:
     if not cfg.volumes:
         cfg.volumes.append(VolumeConfig("default", 1 << 30))
+
+
+def validate(cfg: Config) -> None:
+    ensure_default_volume(cfg)
     seen: set[str] = set()
     for v in cfg.volumes:
         if not VOLUME_NAME_RE.match(v.name):
@@ -154,6 +180,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError("cache.wal_budget must be at least twice cache.wal_segment_size")
     if cfg.nbd_tcp:
         parse_hostport(cfg.nbd_tcp, "nbd.tcp")
+    u = cfg.ublk
+    if not (1 <= u.queues <= 64 and 1 <= u.depth <= 1024):
+        raise ConfigError("ublk.queues must be 1-64 and ublk.depth 1-1024")
+    if u.max_io < 4096 or u.max_io > 32 << 20 or u.max_io % 4096:
+        raise ConfigError("ublk.max_io must be a multiple of 4096 between 4 KiB and 32 MiB")
+    ids = [v.ublk_id for v in cfg.volumes if v.ublk and v.ublk_id is not None]
+    if len(ids) != len(set(ids)):
+        raise ConfigError("two volumes ask for the same ublk_id")
     sock = cfg.unix_socket_path()
     if len(sock.encode()) >= 108:
         raise ConfigError(f"NBD unix socket path is too long for AF_UNIX (max 107 bytes): {sock}")

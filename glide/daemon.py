@@ -21,6 +21,7 @@ import errno
 import fcntl
 import logging
 import os
+import resource
 import select
 import signal
 import socket
@@ -143,10 +144,43 @@ class Daemon:
         self.servers: list[asyncio.AbstractServer] = []
         self.listen_socks: list[socket.socket] = []
         self.stop_event: asyncio.Event | None = None
-        self.handshake_slots: asyncio.Semaphore | None = None
-        self.handshakes: set[asyncio.Task] = set()
+        # Pending handshakes, oldest first (dicts keep insertion order).
+        self.handshakes: dict[asyncio.Task, None] = {}
+        self.uses_ublk = False
+        self.ublk_devices: dict[str, int] = {}
 
     # ---- start-up ----
+
+    def prepare_ublk(self) -> None:
+        """Refuse to start, with the reason, when a volume wants ublk and the
+        kernel cannot give it; then leave the host's mount namespace, which
+        must happen before the first thread exists."""
+        if not any(v.ublk for v in self.cfg.volumes):
+            return
+        ok, reason = _native.ublk_probe()
+        if not ok:
+            raise RuntimeError(f"ublk export requested but unavailable: {reason}")
+        _native.unshare_mounts()
+        self.uses_ublk = True
+
+    def attach_ublk(self, name: str, vol: _native.Volume, vdir: Path, want: int | None) -> None:
+        id_file = vdir / "ublk-id"
+        dev_id = want
+        if dev_id is None and id_file.exists():
+            dev_id = int(id_file.read_text().strip())
+        u = self.cfg.ublk
+        dev, recovered = vol.attach_ublk(
+            -1 if dev_id is None else dev_id, u.queues, u.depth, u.max_io
+        )
+        if not id_file.exists() or int(id_file.read_text().strip()) != dev:
+            tmp = id_file.with_suffix(".tmp")
+            tmp.write_text(f"{dev}\n")
+            os.replace(tmp, id_file)  # the id must survive a crash to be recovered
+        self.ublk_devices[name] = dev
+        log.info(
+            "ublk volume=%s device=/dev/ublkb%d %s", name, dev,
+            "recovered (re-attached after the previous daemon)" if recovered else "created",
+        )
 
     def open_volumes(self) -> None:
         vdir = self.cfg.data_dir / "volumes"
@@ -168,6 +202,8 @@ class Daemon:
                     vc.name, st["replay_discarded_bytes"],
                 )
             self.volumes[vc.name] = vol
+            if vc.ublk:
+                self.attach_ublk(vc.name, vol, vdir / vc.name, vc.ublk_id)
             self.exports[vc.name] = Export(
                 name=vc.name, size=vc.size, attach=self._attacher(vol),
                 description=f"glidefs volume {vc.name}",
@@ -216,14 +252,11 @@ class Daemon:
 
     async def _accept_loop(self, lsock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        assert self.handshake_slots is not None
         default = self.cfg.volumes[0].name
         while True:
-            await self.handshake_slots.acquire()
             try:
                 conn, _ = await loop.sock_accept(lsock)
             except OSError as e:
-                self.handshake_slots.release()
                 if e.errno in (errno.EMFILE, errno.ENFILE):
                     log.error("accept: out of file descriptors; pausing 100 ms")
                     await asyncio.sleep(0.1)
@@ -232,25 +265,40 @@ class Daemon:
             if conn.family != socket.AF_UNIX:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.setblocking(False)
+            if len(self.handshakes) >= self.cfg.max_handshakes:
+                # Full: drop the oldest pending handshake rather than make the
+                # new client wait. A real client finishes its handshake in
+                # milliseconds, so only idle or stalled peers are ever oldest.
+                oldest = next(iter(self.handshakes))
+                del self.handshakes[oldest]
+                oldest.cancel()
             task = asyncio.create_task(
                 negotiate_and_attach(conn, self.exports, default, self.cfg.handshake_timeout)
             )
-            self.handshakes.add(task)
+            self.handshakes[task] = None
             task.add_done_callback(self._handshake_done)
 
     def _handshake_done(self, task: asyncio.Task) -> None:
-        self.handshakes.discard(task)
-        assert self.handshake_slots is not None
-        self.handshake_slots.release()
+        self.handshakes.pop(task, None)
         if not task.cancelled() and task.exception() is not None:
             log.error("handshake task failed", exc_info=task.exception())
 
     # ---- run ----
 
+    @staticmethod
+    def raise_fd_limit() -> None:
+        """Each NBD connection and pending handshake is a descriptor; the usual
+        soft limit of 1024 would turn a burst of clients into EMFILE."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
     def run(self) -> int:
+        self.raise_fd_limit()
         self.cfg.data_dir.mkdir(parents=True, exist_ok=True)
         self.lock.acquire()
         try:
+            self.prepare_ublk()
             self.open_volumes()
             return asyncio.run(self._main())
         finally:
@@ -260,7 +308,6 @@ class Daemon:
     async def _main(self) -> int:
         loop = asyncio.get_running_loop()
         self.stop_event = asyncio.Event()
-        self.handshake_slots = asyncio.Semaphore(self.cfg.max_handshakes)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._request_stop, sig)
         loop.add_signal_handler(signal.SIGHUP, self._sighup)
@@ -294,6 +341,8 @@ class Daemon:
         for vc in self.cfg.volumes:
             gib = vc.size / (1 << 30)
             print(f"glidefs: serving volume {vc.name} ({gib:.2f} GiB) from {self.cfg.data_dir}")
+            if vc.name in self.ublk_devices:
+                print(f"glidefs:   block device /dev/ublkb{self.ublk_devices[vc.name]}")
         name = self.cfg.volumes[0].name
         print("glidefs: connect with:")
         print(f"glidefs:   nbdinfo 'nbd+unix:///{name}?socket={unix_path}'")
@@ -319,7 +368,18 @@ class Daemon:
         log.warning("SIGHUP received: the zero-downtime handoff is not in this build; ignoring")
 
     def _drain(self) -> None:
-        """Answer what is in flight, then make the cache file the whole truth."""
+        """Answer what is in flight, then make the cache file the whole truth.
+
+        ublk devices are left QUIESCED for the next daemon unless the operator
+        asked to release them: a guest's I/O then waits instead of failing."""
+        for name, vol in self.volumes.items():
+            if name in self.ublk_devices:
+                try:
+                    vol.detach_ublk(self.cfg.release_devices)
+                except OSError as e:
+                    log.error("releasing ublk device volume=%s error=%s", name, e)
+                verb = "deleted" if self.cfg.release_devices else "left for the next daemon"
+                log.info("ublk device /dev/ublkb%d %s", self.ublk_devices[name], verb)
         for vol in self.volumes.values():
             vol.shutdown_connections(5000)
         if self.checkpointer is not None:

@@ -275,6 +275,10 @@ async def negotiate_and_attach(
         log.debug("handshake ended peer=%s reason=%s", peer, e or type(e).__name__)
         sock.close()
         return
+    except asyncio.CancelledError:
+        # evicted by a newer connection, or the daemon is stopping
+        sock.close()
+        raise
     if result is None:
         sock.close()
         return

@@ -67,6 +67,6 @@ def test_volume_units_under_sanitizers(asan_build: Path, tmp_path: Path) -> None
 
 def test_daemon_under_sanitizers(asan_build: Path, tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(asan_build), GLIDE_DAEMON_SANITIZED="1")
-    run_pytest([str(ROOT / "tests" / "integration" / "test_hostile.py"),
-                str(ROOT / "tests" / "integration" / "test_clients.py"), "-k", "fio or qemu"],
+    run_pytest([str(ROOT / "tests" / "integration" / "test_hostile.py")], env, tmp_path)
+    run_pytest([str(ROOT / "tests" / "integration" / "test_clients.py"), "-k", "fio or qemu"],
                env, tmp_path)
