@@ -17,6 +17,7 @@ SOURCES = [
     "native/volume.c",
     "native/nbd_proto.c",
     "native/nbd_conn.c",
+    "native/ublk.c",
     "native/module.c",
 ]
 
@@ -37,6 +38,7 @@ setup(
             depends=[f for f in os.listdir("native") if f.endswith(".h")] if os.path.isdir("native") else [],
             extra_compile_args=cflags,
             extra_link_args=ldflags,
+            libraries=["uring"],  # ublk rings (the C liburing: URING_CMD payloads)
         )
     ]
 )

@@ -15,6 +15,7 @@ from glide import __version__
 from glide.config import (
     Config,
     ConfigError,
+    ensure_default_volume,
     load_file,
     parse_duration,
     parse_size,
@@ -38,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--volume", action="append", default=[], metavar="NAME:SIZE",
         help="export a volume (repeatable); replaces the config file's volumes",
     )
+    s.add_argument(
+        "--ublk", action="append", default=[], metavar="NAME[:ID]",
+        help="also export volume NAME as /dev/ublkbN (optionally with device id ID)",
+    )
+    s.add_argument(
+        "--release-devices", action="store_true",
+        help="on shutdown stop and delete ublk devices (default: leave them for the next daemon)",
+    )
     s.add_argument("--wal-budget", help="WAL bytes before writers wait (default 1GiB)")
     s.add_argument("--wal-segment-size", help="WAL segment size (default 64MiB)")
     s.add_argument("--checkpoint-interval", help="checkpoint dirty volumes this often (default 5s)")
@@ -55,6 +64,19 @@ def config_from_args(args: argparse.Namespace) -> Config:
         cfg.nbd_tcp = None if args.nbd_tcp == "none" else args.nbd_tcp
     if args.volume:
         cfg.volumes = [parse_volume_spec(v) for v in args.volume]
+    ensure_default_volume(cfg)
+    for spec in args.ublk:
+        name, _, dev = spec.partition(":")
+        match = [v for v in cfg.volumes if v.name == name]
+        if not match:
+            raise ConfigError(f"--ublk {spec}: no volume named {name!r}")
+        match[0].ublk = True
+        if dev:
+            if not dev.isdigit():
+                raise ConfigError(f"--ublk {spec}: device id must be a number")
+            match[0].ublk_id = int(dev)
+    if args.release_devices:
+        cfg.release_devices = True
     if args.wal_budget:
         cfg.wal_budget = parse_size(args.wal_budget, "--wal-budget")
     if args.wal_segment_size:

@@ -14,12 +14,14 @@
 #include "glide_common.h"
 #include "nbd_conn.h"
 #include "nbd_proto.h"
+#include "ublk.h"
 #include "volume.h"
 #include "wal_record.h"
 
 typedef struct {
     PyObject_HEAD
     struct volume *v;
+    struct ublk_device *ublk; /* at most one kernel device per volume */
 } VolumeObject;
 
 static PyObject *raise_errno(int rc, const char *what) {
@@ -64,8 +66,11 @@ static int Volume_init(VolumeObject *self, PyObject *args, PyObject *kw) {
 static void close_volume(VolumeObject *self) {
     if (!self->v) return;
     struct volume *v = self->v;
+    struct ublk_device *u = self->ublk;
     self->v = NULL;
+    self->ublk = NULL;
     Py_BEGIN_ALLOW_THREADS
+    if (u) ublk_detach(u); /* the device stays for the next daemon */
     nbd_conns_shutdown(v, 5000);
     volume_close(v);
     Py_END_ALLOW_THREADS
@@ -236,6 +241,48 @@ static PyObject *Volume_shutdown_connections(VolumeObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *Volume_attach_ublk(VolumeObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"dev_id", "queues", "depth", "max_io", NULL};
+    int dev_id = -1, queues = 1, depth = 64;
+    unsigned int max_io = 512 * 1024;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|iiiI", kwlist, &dev_id, &queues, &depth, &max_io) ||
+        check_open(self))
+        return NULL;
+    if (self->ublk) { PyErr_SetString(PyExc_ValueError, "volume already has a ublk device"); return NULL; }
+    /* The owner tag ties a device to this volume's identity (nonzero). */
+    struct ublk_config cfg = {.dev_id = dev_id, .nr_queues = queues, .depth = depth, .max_io_bytes = max_io,
+                              .owner_tag = get_le64(self->v->volume_id) | 1};
+    char err[512];
+    int recovered = 0, rc;
+    struct ublk_device *d = NULL;
+    Py_BEGIN_ALLOW_THREADS
+    rc = ublk_attach(self->v, &cfg, &d, &recovered, err, sizeof err);
+    Py_END_ALLOW_THREADS
+    if (rc) {
+        errno = -rc;
+        PyErr_Format(PyExc_OSError, "%s", err[0] ? err : strerror(-rc));
+        return NULL;
+    }
+    self->ublk = d;
+    return Py_BuildValue("(iO)", ublk_device_id(d), recovered ? Py_True : Py_False);
+}
+
+static PyObject *Volume_detach_ublk(VolumeObject *self, PyObject *args) {
+    int remove = 0;
+    if (!PyArg_ParseTuple(args, "|p", &remove)) return NULL;
+    struct ublk_device *d = self->ublk;
+    if (!d) Py_RETURN_NONE;
+    self->ublk = NULL;
+    char err[512] = "";
+    int rc = 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (remove) rc = ublk_remove(d, err, sizeof err);
+    else ublk_detach(d);
+    Py_END_ALLOW_THREADS
+    if (rc) { PyErr_Format(PyExc_OSError, "%s", err); return NULL; }
+    Py_RETURN_NONE;
+}
+
 static PyObject *Volume_stats(VolumeObject *self, PyObject *Py_UNUSED(ignored)) {
     if (check_open(self)) return NULL;
     struct volume *v = self->v;
@@ -294,6 +341,10 @@ static PyMethodDef Volume_methods[] = {
     {"shutdown_connections", (PyCFunction)Volume_shutdown_connections, METH_VARARGS,
      "shutdown_connections(grace_ms=5000)"},
     {"stats", (PyCFunction)Volume_stats, METH_NOARGS, "Counters and state as a dict."},
+    {"attach_ublk", (PyCFunction)(void (*)(void))Volume_attach_ublk, METH_VARARGS | METH_KEYWORDS,
+     "attach_ublk(dev_id=-1, queues=1, depth=64, max_io=524288) -> (dev_id, recovered)"},
+    {"detach_ublk", (PyCFunction)Volume_detach_ublk, METH_VARARGS,
+     "detach_ublk(remove=False): stop serving the device; remove=True also deletes it"},
     {"pressure_fd", (PyCFunction)Volume_pressure_fd, METH_NOARGS, "eventfd readable when a checkpoint would help."},
     {NULL, NULL, 0, NULL},
 };
@@ -382,7 +433,24 @@ static PyObject *py_check_nbd_request(PyObject *Py_UNUSED(m), PyObject *args) {
                          "verdict", names[verdict], "error", err);
 }
 
+static PyObject *py_ublk_probe(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a)) {
+    char msg[512];
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = ublk_probe(msg, sizeof msg);
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("(Os)", rc == 0 ? Py_True : Py_False, msg);
+}
+
+static PyObject *py_unshare_mounts(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a)) {
+    char msg[256];
+    if (glide_unshare_mounts(msg, sizeof msg)) { PyErr_Format(PyExc_OSError, "%s", msg); return NULL; }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
+    {"ublk_probe", py_ublk_probe, METH_NOARGS, "ublk_probe() -> (available, reason)"},
+    {"unshare_mounts", py_unshare_mounts, METH_NOARGS, "Private mount namespace (call before threads)."},
     {"crc32c", py_crc32c, METH_VARARGS, "crc32c(data, crc=0, software=False)"},
     {"encode_wal_record", py_encode_wal_record, METH_VARARGS, "encode_wal_record(kind, seq, lba, nblocks, data=b'')"},
     {"decode_wal_record", py_decode_wal_record, METH_VARARGS, "decode_wal_record(buf) -> dict | None"},

@@ -627,17 +627,28 @@ static int cmp_wb(const void *a, const void *b) {
     return x < y ? -1 : x > y;
 }
 
+#define WB_RUN_BLOCKS 256u /* 1 MiB per copy */
+
 static int write_back(struct volume *v, struct wb_list *l, struct checkpoint_stats *st) {
-    uint8_t *buf = malloc(GLIDE_BLOCK_SIZE);
+    uint8_t *buf = malloc((size_t)WB_RUN_BLOCKS * GLIDE_BLOCK_SIZE);
     if (!buf) return -ENOMEM;
     int rc = 0;
     for (size_t i = 0; i < l->n && !rc; i++) {
         struct wb_item *it = &l->items[i];
         uint64_t coff = it->lba * GLIDE_BLOCK_SIZE;
         if (it->kind == WAL_KIND_DATA) {
-            rc = pread_full(it->seg->fd, buf, GLIDE_BLOCK_SIZE, it->off);
-            if (!rc) rc = pwrite_full(v->cache_fd, buf, GLIDE_BLOCK_SIZE, coff);
-            st->blocks_written++;
+            /* Items are sorted by lba: a run of blocks that sit back to back in
+             * one segment (a sequential write) is one read and one write. */
+            size_t n = 1;
+            while (i + n < l->n && n < WB_RUN_BLOCKS && l->items[i + n].kind == WAL_KIND_DATA &&
+                   l->items[i + n].lba == it->lba + n && l->items[i + n].seg == it->seg &&
+                   l->items[i + n].off == it->off + n * GLIDE_BLOCK_SIZE)
+                n++;
+            size_t bytes = n * GLIDE_BLOCK_SIZE;
+            rc = pread_full(it->seg->fd, buf, bytes, it->off);
+            if (!rc) rc = pwrite_full(v->cache_fd, buf, bytes, coff);
+            st->blocks_written += n;
+            i += n - 1;
         } else {
             int mode = it->kind == WAL_KIND_ZERO_HOLE ? (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
                                                       : (FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE);

@@ -20,9 +20,9 @@ ensure_apt() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-# The build needs a C compiler and Python headers; the venv module on Debian's python3.
+# The build needs a C compiler, Python headers and liburing (ublk); the venv module.
 ensure_build_deps() {
-    ensure_apt gcc libc6-dev python3 python3-dev python3-venv
+    ensure_apt gcc libc6-dev python3 python3-dev python3-venv liburing-dev
 }
 
 ensure_venv() { # ensure_venv [extra]
