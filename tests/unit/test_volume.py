@@ -248,3 +248,16 @@ def test_foreign_segment_is_refused(tmp_path: Path) -> None:
     (b / "wal" / src.name).write_bytes(src.read_bytes())
     with pytest.raises(OSError, match="another volume"):
         open_vol(b)
+
+
+def test_trim_and_write_zeroes_cost_a_header_not_data(tmp_path: Path) -> None:
+    v = open_vol(tmp_path / "v", size=64 * MiB)
+    v.write(0, os.urandom(8 * MiB))
+    v.checkpoint()
+    before = v.stats()["wal_bytes"]
+    v.trim(0, 4 * MiB)  # 1024 clean blocks
+    v.write_zeroes(4 * MiB, 4 * MiB, no_hole=True)
+    grown = v.stats()["wal_bytes"] - before
+    assert grown == 2 * 32, grown  # two record headers, no zero data
+    assert v.read(0, 8 * MiB) == bytes(8 * MiB)
+    v.close()
