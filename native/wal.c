@@ -29,7 +29,16 @@ static int create_segment(struct wal *w, uint64_t start_seq, struct wal_segment 
     s->end_seq = start_seq - 1;
     atomic_init(&s->refs, 1);
     snprintf(s->path, sizeof s->path, "%s/%016llx.seg", w->dir, (unsigned long long)s->id);
-    s->fd = open(s->path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    s->fd = -1;
+    /* Reuse a retired file when there is one. If we crash between the rename
+     * and the new header reaching the disk, replay sees a header whose id does
+     * not match the name and treats the file as an undurable tail. */
+    while (w->nfree > 0 && s->fd < 0) {
+        const char *fp = w->free_paths[--w->nfree];
+        if (rename(fp, s->path) == 0) s->fd = open(s->path, O_RDWR | O_CLOEXEC);
+        else unlink(fp);
+    }
+    if (s->fd < 0) s->fd = open(s->path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (s->fd < 0) { int e = -errno; free(s); return e; }
     uint8_t hdr[WAL_SEG_HDR_SIZE];
     struct wal_segment_header h = {.version = WAL_FORMAT_VERSION, .seg_id = s->id, .start_seq = start_seq};
@@ -126,7 +135,16 @@ void wal_retire_upto(struct wal *w, uint64_t seq) {
         struct wal_segment *s = w->head;
         w->head = s->next;
         w->live_bytes -= s->size;
-        unlink(s->path);
+        int kept = 0;
+        if (w->nfree < WAL_RECYCLE_MAX) {
+            char fp[sizeof w->free_paths[0]];
+            snprintf(fp, sizeof fp, "%s/%016llx.free", w->dir, (unsigned long long)s->id);
+            if (rename(s->path, fp) == 0) {
+                memcpy(w->free_paths[w->nfree++], fp, sizeof fp);
+                kept = 1;
+            }
+        }
+        if (!kept) unlink(s->path);
         wal_segment_put(s);
     }
     pthread_mutex_unlock(&w->mu);
@@ -243,6 +261,23 @@ int wal_sync_wait(struct wal *w, uint64_t target) {
 
 /* ---- open and replay ---- */
 
+/* Spare files from the previous run are not adopted: they are cheap to lose,
+ * and starting without them keeps open simple. */
+static void remove_free_files(const char *dir) {
+    DIR *d = opendir(dir);
+    if (!d) return;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        size_t len = strlen(e->d_name);
+        if (len > 5 && strcmp(e->d_name + len - 5, ".free") == 0) {
+            char p[4096 + 300];
+            snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
+            unlink(p);
+        }
+    }
+    closedir(d);
+}
+
 static int cmp_u64(const void *a, const void *b) {
     uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
     return x < y ? -1 : x > y;
@@ -330,6 +365,7 @@ int wal_open(struct wal *w, const char *dir, const uint8_t volume_id[16], uint64
     w->dir_fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (w->dir_fd < 0) return -errno;
 
+    remove_free_files(dir);
     uint64_t *ids = NULL;
     size_t nids = 0;
     int rc = list_segment_ids(dir, &ids, &nids);
@@ -435,6 +471,7 @@ void wal_close(struct wal *w) {
         s = nx;
     }
     w->head = w->tail = NULL;
+    w->nfree = 0;
     if (w->dir_fd >= 0) close(w->dir_fd);
     w->dir_fd = -1;
 }

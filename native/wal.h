@@ -6,9 +6,12 @@
  *  - `synced_seq` only grows, and only after an fdatasync of every segment that
  *    held unsynced records up to it (group commit: one fdatasync serves every
  *    waiter whose target it covers);
- *  - a segment is deleted only by wal_retire_upto, after the caller has made
- *    everything in it durable elsewhere (checkpoint), and its fd stays open
- *    until the last reader drops its reference;
+ *  - a segment is deleted (or kept for reuse) only by wal_retire_upto, after
+ *    the caller has made everything in it durable elsewhere (checkpoint), and
+ *    its fd stays open until the last reader drops its reference;
+ *  - a reused ("recycled") segment file still holds old records after its new
+ *    tail; they can never be replayed because their sequence numbers are all
+ *    older than the one replay expects next;
  *  - replay accepts records only in unbroken sequence order with valid
  *    checksums and stops at the first that is not (invariant 3).
  */
@@ -20,6 +23,8 @@
 #include <stdint.h>
 
 #include "wal_record.h"
+
+#define WAL_RECYCLE_MAX 4
 
 struct wal_segment {
     int fd;
@@ -50,6 +55,11 @@ struct wal {
     uint64_t next_seq;
     uint64_t next_seg_id;
     uint64_t live_bytes;
+    /* Retired segment files kept for reuse: appending into pages that are
+     * already allocated (and usually cached) is much cheaper than growing a
+     * new file, both for the copy and for fdatasync. */
+    char free_paths[WAL_RECYCLE_MAX][4096 + 32];
+    int nfree;
 
     pthread_mutex_t sync_mu; /* group commit state */
     pthread_cond_t sync_cv;
