@@ -313,6 +313,18 @@ static void *queue_main(void *arg) {
         }
         io_uring_cq_advance(&q->ring, seen);
     }
+    /* However the loop ended (detach, device stopped, ring error), WAL
+     * waiters still point into q->pend: they must all have fired before the
+     * queue can be freed. Their commits are harmless on a stopped device. */
+    for (;;) {
+        pthread_mutex_lock(&q->mu);
+        int pending = q->pending;
+        pthread_mutex_unlock(&q->mu);
+        if (!pending) break;
+        struct pollfd pfd = {.fd = q->efd, .events = POLLIN};
+        poll(&pfd, 1, 1000);
+        drain_done(q);
+    }
     /* Commits prepared by the last drain still have to reach the kernel.
      * Closing the ring then cancels the remaining fetches; with recovery
      * enabled the kernel requeues their requests for the next daemon. */
