@@ -10,6 +10,7 @@ import os
 from setuptools import Extension, setup
 
 SOURCES = [
+    "native/crash_point.c",
     "native/crc32c.c",
     "native/wal_record.c",
     "native/wal.c",

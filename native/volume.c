@@ -13,6 +13,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "crash_point.h"
 #include "crc32c.h"
 #include "glide_common.h"
 
@@ -676,6 +677,7 @@ int volume_checkpoint(struct volume *v, uint64_t upto, struct checkpoint_stats *
     if (upto < cut) cut = upto;
     st->cut_seq = cut;
     if (cut <= v->checkpoint_seq) goto out;
+    crash_point("checkpoint-after-cut");
 
     /* 1. the records being written back must be durable before the cache file
      *    holds anything derived from them */
@@ -694,7 +696,9 @@ int volume_checkpoint(struct volume *v, uint64_t upto, struct checkpoint_stats *
     }
     free(l.items);
     if (rc) { set_failed(v, -rc); goto out; }
+    crash_point("checkpoint-after-writeback");
     if (fdatasync(v->cache_fd) < 0) { rc = -errno; set_failed(v, errno); goto out; }
+    crash_point("checkpoint-after-cache-sync");
 
     /* 3. forget versions <= cut and snapshot the base states as of cut */
     uint8_t *bases = malloc(v->nblocks);
@@ -710,8 +714,10 @@ int volume_checkpoint(struct volume *v, uint64_t upto, struct checkpoint_stats *
     rc = write_state_file(v, bases, cut, &st->state_bytes);
     free(bases);
     if (rc) { set_failed(v, -rc); goto out; }
+    crash_point("checkpoint-after-state");
     v->checkpoint_seq = cut;
     wal_retire_upto(&v->wal, cut);
+    crash_point("checkpoint-after-retire");
     atomic_fetch_add(&v->st.checkpoints, 1);
 
     pthread_mutex_lock(&v->wal.mu);

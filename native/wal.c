@@ -12,6 +12,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include "crash_point.h"
 #include "glide_common.h"
 
 void wal_segment_put(struct wal_segment *s) {
@@ -35,8 +36,12 @@ static int create_segment(struct wal *w, uint64_t start_seq, struct wal_segment 
      * not match the name and treats the file as an undurable tail. */
     while (w->nfree > 0 && s->fd < 0) {
         const char *fp = w->free_paths[--w->nfree];
-        if (rename(fp, s->path) == 0) s->fd = open(s->path, O_RDWR | O_CLOEXEC);
-        else unlink(fp);
+        if (rename(fp, s->path) == 0) {
+            s->fd = open(s->path, O_RDWR | O_CLOEXEC);
+            crash_point("wal-after-recycle-rename");
+        } else {
+            unlink(fp);
+        }
     }
     if (s->fd < 0) s->fd = open(s->path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (s->fd < 0) { int e = -errno; free(s); return e; }

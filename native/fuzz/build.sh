@@ -9,4 +9,4 @@ flags=(-g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefine
 n="$here/.."
 "$CC" "${flags[@]}" -o "$out/fuzz_nbd_request" "$here/fuzz_nbd_request.c" "$n/nbd_proto.c"
 "$CC" "${flags[@]}" -o "$out/fuzz_wal_record" "$here/fuzz_wal_record.c" "$n/wal_record.c" "$n/crc32c.c"
-"$CC" "${flags[@]}" -o "$out/fuzz_wal_replay" "$here/fuzz_wal_replay.c" "$n/wal.c" "$n/wal_record.c" "$n/crc32c.c"
+"$CC" "${flags[@]}" -o "$out/fuzz_wal_replay" "$here/fuzz_wal_replay.c" "$n/wal.c" "$n/wal_record.c" "$n/crc32c.c" "$n/crash_point.c"
