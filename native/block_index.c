@@ -62,6 +62,10 @@ uint8_t block_index_state(const struct block_index *bi, uint64_t lba) { return b
 void block_index_set_base(struct block_index *bi, uint64_t lba, uint8_t base) {
     bi->state[lba] = (uint8_t)((bi->state[lba] & ~BLOCK_BASE_MASK) | (base & BLOCK_BASE_MASK));
 }
+void block_index_set_remote(struct block_index *bi, uint64_t lba, int on) {
+    if (on) bi->state[lba] |= BLOCK_REMOTE;
+    else bi->state[lba] &= (uint8_t)~BLOCK_REMOTE;
+}
 uint64_t block_index_dirty_count(const struct block_index *bi) { return bi->used; }
 uint64_t block_index_version_count(const struct block_index *bi) { return bi->vlive; }
 

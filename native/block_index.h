@@ -24,6 +24,11 @@ enum block_base {
 };
 #define BLOCK_BASE_MASK 0x3
 #define BLOCK_DIRTY 0x4
+/* The object store's committed manifest holds non-zero content for the block:
+ * an ABSENT block with REMOTE is fetched on read, one without reads as zeros. */
+#define BLOCK_REMOTE 0x8
+/* What the state file keeps per block (DIRTY is rebuilt by replay). */
+#define BLOCK_PERSISTED_MASK (BLOCK_BASE_MASK | BLOCK_REMOTE)
 
 struct wal_segment;
 
@@ -43,6 +48,7 @@ void block_index_destroy(struct block_index *bi);
 uint64_t block_index_nblocks(const struct block_index *bi);
 uint8_t block_index_state(const struct block_index *bi, uint64_t lba);
 void block_index_set_base(struct block_index *bi, uint64_t lba, uint8_t base);
+void block_index_set_remote(struct block_index *bi, uint64_t lba, int on);
 
 /* Record a new version (inserted in sequence order, so concurrent writers that
  * update the index out of order still leave the newest on top). -1 on ENOMEM. */

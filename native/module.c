@@ -283,6 +283,127 @@ static PyObject *Volume_detach_ublk(VolumeObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ---- the object-store side: fetcher, flusher, eviction ---- */
+
+static PyObject *Volume_set_remote(VolumeObject *self, PyObject *args) {
+    unsigned long long lba, n;
+    int on = 1;
+    if (!PyArg_ParseTuple(args, "KK|p", &lba, &n, &on) || check_open(self)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    volume_set_remote(self->v, lba, n, on);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *Volume_miss_fd(VolumeObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (check_open(self)) return NULL;
+    return PyLong_FromLong(self->v->miss_efd);
+}
+
+static PyObject *Volume_take_misses(VolumeObject *self, PyObject *args) {
+    Py_ssize_t max = 256;
+    if (!PyArg_ParseTuple(args, "|n", &max) || check_open(self)) return NULL;
+    if (max < 1 || max > 65536) { PyErr_SetString(PyExc_ValueError, "max must be 1..65536"); return NULL; }
+    uint64_t *buf = PyMem_Malloc((size_t)max * sizeof *buf);
+    if (!buf) return PyErr_NoMemory();
+    size_t n = volume_take_misses(self->v, buf, (size_t)max);
+    PyObject *out = PyList_New((Py_ssize_t)n);
+    for (size_t i = 0; out && i < n; i++) PyList_SET_ITEM(out, (Py_ssize_t)i, PyLong_FromUnsignedLongLong(buf[i]));
+    PyMem_Free(buf);
+    return out;
+}
+
+static PyObject *Volume_install(VolumeObject *self, PyObject *args) {
+    unsigned long long lba;
+    Py_buffer data;
+    if (!PyArg_ParseTuple(args, "Ky*", &lba, &data)) return NULL;
+    if (check_open(self) || data.len != GLIDE_BLOCK_SIZE) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "install takes exactly one 4096-byte block");
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = volume_install(self->v, lba, data.buf);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&data);
+    if (rc) return raise_errno(rc, "install");
+    Py_RETURN_NONE;
+}
+
+static PyObject *Volume_fail_miss(VolumeObject *self, PyObject *args) {
+    unsigned long long lba;
+    int err = EIO;
+    if (!PyArg_ParseTuple(args, "K|i", &lba, &err) || check_open(self)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    volume_fail_miss(self->v, lba, err);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *Volume_evict(VolumeObject *self, PyObject *args) {
+    unsigned long long lba, n;
+    if (!PyArg_ParseTuple(args, "KK", &lba, &n) || check_open(self)) return NULL;
+    uint64_t evicted = 0;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = volume_evict(self->v, lba, n, &evicted);
+    Py_END_ALLOW_THREADS
+    if (rc) return raise_errno(rc, "evict");
+    return PyLong_FromUnsignedLongLong(evicted);
+}
+
+static PyObject *Volume_flush_cut(VolumeObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (check_open(self)) return NULL;
+    uint64_t cut = 0;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = volume_flush_cut(self->v, &cut);
+    Py_END_ALLOW_THREADS
+    if (rc) return raise_errno(rc, "flush_cut");
+    return PyLong_FromUnsignedLongLong(cut);
+}
+
+struct dirty_list {
+    uint64_t *lba;
+    uint8_t *kind;
+    size_t n, cap;
+};
+
+static int dirty_collect(void *ctx, uint64_t lba, uint8_t kind) {
+    struct dirty_list *d = ctx;
+    if (d->n == d->cap) {
+        size_t nc = d->cap ? d->cap * 2 : 1024;
+        uint64_t *nl = realloc(d->lba, nc * sizeof *nl);
+        if (!nl) return -ENOMEM;
+        d->lba = nl;
+        uint8_t *nk = realloc(d->kind, nc);
+        if (!nk) return -ENOMEM;
+        d->kind = nk;
+        d->cap = nc;
+    }
+    d->lba[d->n] = lba;
+    d->kind[d->n++] = kind;
+    return 0;
+}
+
+static PyObject *Volume_dirty_upto(VolumeObject *self, PyObject *args) {
+    unsigned long long cut;
+    if (!PyArg_ParseTuple(args, "K", &cut) || check_open(self)) return NULL;
+    struct dirty_list d = {0};
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = volume_dirty_upto(self->v, cut, dirty_collect, &d);
+    Py_END_ALLOW_THREADS
+    PyObject *out = rc ? NULL : PyList_New((Py_ssize_t)d.n);
+    for (size_t i = 0; out && i < d.n; i++)
+        PyList_SET_ITEM(out, (Py_ssize_t)i, Py_BuildValue("(KI)", (unsigned long long)d.lba[i], (unsigned)d.kind[i]));
+    free(d.lba);
+    free(d.kind);
+    if (rc) return raise_errno(rc, "dirty_upto");
+    return out;
+}
+
 static PyObject *Volume_stats(VolumeObject *self, PyObject *Py_UNUSED(ignored)) {
     if (check_open(self)) return NULL;
     struct volume *v = self->v;
@@ -300,7 +421,7 @@ static PyObject *Volume_stats(VolumeObject *self, PyObject *Py_UNUSED(ignored)) 
 #define U(x) (unsigned long long)(x)
     return Py_BuildValue(
         "{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:i,s:i,"
-        "s:K,s:K,s:K,s:K}",
+        "s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}",
         "size", U(v->size), "dirty_blocks", U(dirty), "versions", U(versions), "wal_bytes", U(wal_bytes),
         "charge", U(charge), "budget", U(v->wal_budget), "last_seq", U(last), "synced_seq", U(synced),
         "checkpoint_seq", U(v->checkpoint_seq), "reads", U(v->st.reads), "writes", U(v->st.writes),
@@ -309,7 +430,8 @@ static PyObject *Volume_stats(VolumeObject *self, PyObject *Py_UNUSED(ignored)) 
         "backpressure_waits", U(v->st.backpressure_waits), "checkpoints", U(v->st.checkpoints),
         "connections", nbd_conn_count(v), "failed", atomic_load(&v->failed),
         "replayed_records", U(v->replay.applied), "replay_discarded_bytes", U(v->replay.discarded_bytes),
-        "replay_segments", U(v->replay.segments), "errors", U(v->st.errors));
+        "replay_segments", U(v->replay.segments), "errors", U(v->st.errors), "misses", U(v->misses),
+        "installs", U(v->installs), "fetch_failures", U(v->fetch_failures), "evictions", U(v->evictions));
 #undef U
 }
 
@@ -341,6 +463,17 @@ static PyMethodDef Volume_methods[] = {
     {"shutdown_connections", (PyCFunction)Volume_shutdown_connections, METH_VARARGS,
      "shutdown_connections(grace_ms=5000)"},
     {"stats", (PyCFunction)Volume_stats, METH_NOARGS, "Counters and state as a dict."},
+    {"set_remote", (PyCFunction)Volume_set_remote, METH_VARARGS,
+     "set_remote(lba, n, on=True): the store's manifest holds these blocks (or not)"},
+    {"miss_fd", (PyCFunction)Volume_miss_fd, METH_NOARGS, "eventfd readable while blocks wait for the fetcher"},
+    {"take_misses", (PyCFunction)Volume_take_misses, METH_VARARGS, "take_misses(max=256) -> [lba]"},
+    {"install", (PyCFunction)Volume_install, METH_VARARGS,
+     "install(lba, block): a fetched, verified block; parked reads run again"},
+    {"fail_miss", (PyCFunction)Volume_fail_miss, METH_VARARGS, "fail_miss(lba, errno=EIO): parked reads fail"},
+    {"evict", (PyCFunction)Volume_evict, METH_VARARGS, "evict(lba, n) -> evicted: CLEAN blocks the store holds"},
+    {"flush_cut", (PyCFunction)Volume_flush_cut, METH_NOARGS, "Seal the WAL for a flush; returns the cut seq"},
+    {"dirty_upto", (PyCFunction)Volume_dirty_upto, METH_VARARGS,
+     "dirty_upto(cut) -> [(lba, kind)]: blocks whose newest version <= cut"},
     {"attach_ublk", (PyCFunction)(void (*)(void))Volume_attach_ublk, METH_VARARGS | METH_KEYWORDS,
      "attach_ublk(dev_id=-1, queues=1, depth=64, max_io=524288) -> (dev_id, recovered)"},
     {"detach_ublk", (PyCFunction)Volume_detach_ublk, METH_VARARGS,

@@ -30,6 +30,15 @@ struct sync_req {
     struct sync_req *next;
 };
 
+/* A READ waiting for a block from the object store. */
+struct parked_read {
+    struct miss_waiter w; /* first: the waiter is cast back to the read */
+    struct nbd_conn *c;
+    struct nbd_request r;
+    int err;
+    struct parked_read *next;
+};
+
 struct nbd_conn {
     struct volume *v;
     int fd, efd;
@@ -42,6 +51,8 @@ struct nbd_conn {
     size_t big_cap;
     pthread_mutex_t mu; /* done list and pending count */
     struct sync_req *done;
+    struct parked_read *unparked; /* fetched: run again */
+    struct parked_read *spare;    /* reused, so a READ costs no malloc */
     int pending;
     int dead; /* the socket failed: stop sending */
     struct nbd_conn *next;
@@ -130,13 +141,17 @@ static void reply_when_durable(struct nbd_conn *c, uint64_t handle, uint64_t seq
     wal_sync_async(&c->v->wal, &s->w);
 }
 
+static void do_read(struct nbd_conn *c, const struct nbd_request *r);
+
 static void drain_completions(struct nbd_conn *c) {
     uint64_t cnt;
     ssize_t n = read(c->efd, &cnt, sizeof cnt);
     (void)n;
     pthread_mutex_lock(&c->mu);
     struct sync_req *list = c->done;
+    struct parked_read *unparked = c->unparked;
     c->done = NULL;
+    c->unparked = NULL;
     pthread_mutex_unlock(&c->mu);
     int k = 0;
     while (list) {
@@ -144,6 +159,18 @@ static void drain_completions(struct nbd_conn *c) {
         reply_simple(c, list->handle, nbd_errno_to_wire(list->err));
         free(list);
         list = nx;
+        k++;
+    }
+    while (unparked) {
+        struct parked_read *nx = unparked->next;
+        struct nbd_request r = unparked->r;
+        int err = unparked->err;
+        unparked->next = c->spare;
+        c->spare = unparked;
+        /* run it again: it may park once more on another block */
+        if (err) reply_error(c, &r, nbd_errno_to_wire(err));
+        else do_read(c, &r);
+        unparked = nx;
         k++;
     }
     if (k) {
@@ -154,6 +181,26 @@ static void drain_completions(struct nbd_conn *c) {
 }
 
 /* ---------- commands ---------- */
+
+static void read_unparked(struct miss_waiter *w, int err) {
+    struct parked_read *p = (struct parked_read *)w;
+    struct nbd_conn *c = p->c;
+    p->err = err;
+    uint64_t one = 1;
+    pthread_mutex_lock(&c->mu);
+    p->next = c->unparked;
+    c->unparked = p;
+    ssize_t n = write(c->efd, &one, sizeof one);
+    (void)n;
+    pthread_mutex_unlock(&c->mu);
+}
+
+static struct parked_read *get_parked(struct nbd_conn *c) {
+    struct parked_read *p = c->spare;
+    if (p) c->spare = p->next;
+    else p = malloc(sizeof *p);
+    return p;
+}
 
 static void do_read(struct nbd_conn *c, const struct nbd_request *r) {
     size_t hdr = c->sess.structured ? NBD_CHUNK_HEADER_SIZE + 8 : NBD_SIMPLE_REPLY_SIZE;
@@ -175,7 +222,26 @@ static void do_read(struct nbd_conn *c, const struct nbd_request *r) {
     } else {
         p = reserve_out(c, total);
     }
-    int rc = volume_read(c->v, r->offset, r->length, p + hdr);
+    struct parked_read *pr = get_parked(c);
+    if (!pr) {
+        if (!direct) c->out_len -= total;
+        reply_error(c, r, NBD_ENOMEM);
+        return;
+    }
+    pr->w.done = read_unparked;
+    pr->c = c;
+    pr->r = *r;
+    int rc = volume_read_or_park(c->v, r->offset, r->length, p + hdr, &pr->w);
+    if (rc == VOLUME_PARKED) {
+        /* the reply goes out when the block arrives; the connection goes on */
+        if (!direct) c->out_len -= total;
+        pthread_mutex_lock(&c->mu);
+        c->pending++;
+        pthread_mutex_unlock(&c->mu);
+        return;
+    }
+    pr->next = c->spare;
+    c->spare = pr;
     if (rc) {
         if (!direct) c->out_len -= total;
         reply_error(c, r, nbd_errno_to_wire(rc));
@@ -325,6 +391,11 @@ static int process_input(struct nbd_conn *c) {
 }
 
 static void conn_free(struct nbd_conn *c) {
+    while (c->spare) {
+        struct parked_read *nx = c->spare->next;
+        free(c->spare);
+        c->spare = nx;
+    }
     if (c->efd >= 0) close(c->efd);
     free(c->in);
     free(c->out);

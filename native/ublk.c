@@ -3,6 +3,7 @@
 #include "ublk.h"
 
 #include <errno.h>
+#include <stddef.h>
 #include <fcntl.h>
 #include <liburing.h>
 #include <poll.h>
@@ -26,11 +27,15 @@
 
 struct ublk_queue;
 
+/* A tag waiting for the WAL's group commit (FLUSH, FUA) or for a block from
+ * the object store (READ); never both at once. */
 struct ublk_pending {
     struct wal_waiter w; /* first: cast back from the waiter */
+    struct miss_waiter mw;
     struct ublk_queue *q;
     int tag;
     int result;
+    int is_miss;
     struct ublk_pending *next;
 };
 
@@ -183,10 +188,8 @@ static void arm_event(struct ublk_queue *q) {
     sqe->user_data = EVENT_TAG;
 }
 
-static void durable_done(struct wal_waiter *w, int err) {
-    struct ublk_pending *p = (struct ublk_pending *)w;
+static void pending_done(struct ublk_pending *p) {
     struct ublk_queue *q = p->q;
-    if (err) p->result = -err;
     uint64_t one = 1;
     pthread_mutex_lock(&q->mu);
     p->next = q->done;
@@ -196,8 +199,21 @@ static void durable_done(struct wal_waiter *w, int err) {
     pthread_mutex_unlock(&q->mu);
 }
 
+static void durable_done(struct wal_waiter *w, int err) {
+    struct ublk_pending *p = (struct ublk_pending *)w;
+    if (err) p->result = -err;
+    pending_done(p);
+}
+
+static void miss_done(struct miss_waiter *w, int err) {
+    struct ublk_pending *p = (struct ublk_pending *)((char *)w - offsetof(struct ublk_pending, mw));
+    p->result = err ? -err : 0;
+    pending_done(p);
+}
+
 static void commit_when_durable(struct ublk_queue *q, int tag, uint64_t seq, int result) {
     struct ublk_pending *p = &q->pend[tag];
+    p->is_miss = 0;
     p->w.target = seq;
     p->w.done = durable_done;
     p->q = q;
@@ -221,10 +237,23 @@ static void handle(struct ublk_queue *q, int tag) {
     uint64_t seq = 0;
     int rc, result;
     switch (op) {
-    case UBLK_IO_OP_READ:
-        rc = len > q->d->cfg.max_io_bytes ? -EINVAL : volume_read(v, off, len, buf);
+    case UBLK_IO_OP_READ: {
+        struct ublk_pending *p = &q->pend[tag];
+        p->mw.done = miss_done;
+        p->q = q;
+        p->tag = tag;
+        p->is_miss = 1;
+        rc = len > q->d->cfg.max_io_bytes ? -EINVAL : volume_read_or_park(v, off, len, buf, &p->mw);
+        if (rc == VOLUME_PARKED) {
+            /* other tags go on; this one runs again when its block arrives */
+            pthread_mutex_lock(&q->mu);
+            q->pending++;
+            pthread_mutex_unlock(&q->mu);
+            return;
+        }
         result = rc ? errno_result(rc) : (int)len;
         break;
+    }
     case UBLK_IO_OP_WRITE:
         rc = len > q->d->cfg.max_io_bytes ? -EINVAL : volume_write(v, off, len, buf, &seq);
         result = rc ? errno_result(rc) : (int)len;
@@ -257,7 +286,12 @@ static void drain_done(struct ublk_queue *q) {
     q->done = NULL;
     pthread_mutex_unlock(&q->mu);
     int k = 0;
-    for (; list; list = list->next, k++) prep_io_cmd(q, list->tag, UBLK_U_IO_COMMIT_AND_FETCH_REQ, list->result);
+    for (; list; k++) {
+        struct ublk_pending *nx = list->next; /* handle() may re-park the same slot */
+        if (list->is_miss && list->result == 0) handle(q, list->tag);
+        else prep_io_cmd(q, list->tag, UBLK_U_IO_COMMIT_AND_FETCH_REQ, list->result);
+        list = nx;
+    }
     if (k) {
         pthread_mutex_lock(&q->mu);
         q->pending -= k;

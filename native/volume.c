@@ -18,12 +18,21 @@
 #include "glide_common.h"
 
 #define STATE_MAGIC 0x41545347u /* "GSTA" */
-#define STATE_VERSION 1u
+#define STATE_VERSION 2u /* 2: runs carry the REMOTE bit (count << 3); 1 is still read */
 #define STATE_HDR 64u
 /* Index memory is charged against the WAL budget so that zero-range records
  * (a few bytes of WAL, many index entries) cannot grow memory without limit. */
 #define VERSION_CHARGE 64u
 #define PLAN_CHUNK 64
+#define MISS_BUCKETS 4096u
+
+struct miss_entry {
+    uint64_t lba;
+    struct miss_waiter *waiters;
+    struct miss_entry *next;
+};
+
+static void miss_fire(struct miss_waiter *ws, int err);
 
 /* ---------- small I/O helpers ---------- */
 
@@ -72,7 +81,7 @@ static int get_varint(const uint8_t *p, size_t len, size_t *pos, uint64_t *x) {
     return -1;
 }
 
-/* bases: one base state per block (no DIRTY bit). */
+/* bases: one persisted state per block (base state and REMOTE, no DIRTY). */
 static int write_state_file(struct volume *v, const uint8_t *bases, uint64_t ckpt_seq, uint64_t *bytes_out) {
     size_t cap = STATE_HDR + 4 + 64, len = STATE_HDR;
     uint8_t *buf = malloc(cap);
@@ -87,7 +96,9 @@ static int write_state_file(struct volume *v, const uint8_t *bases, uint64_t ckp
             if (!nb) { free(buf); return -ENOMEM; }
             buf = nb;
         }
-        len += put_varint(buf + len, ((j - i) << 2) | bases[i]);
+        /* 3 bits per run: base state in bits 0-1, REMOTE in bit 2 */
+        uint64_t code = (bases[i] & BLOCK_BASE_MASK) | ((bases[i] & BLOCK_REMOTE) ? 4u : 0u);
+        len += put_varint(buf + len, ((j - i) << 3) | code);
         i = j;
     }
     memset(buf, 0, STATE_HDR);
@@ -141,7 +152,8 @@ static int read_state_file(struct volume *v, uint64_t *ckpt_seq, char *err, size
         snprintf(err, errlen, "state file %s is corrupt (bad magic or checksum)", path);
         goto out;
     }
-    if (get_le32(buf + 4) != STATE_VERSION || get_le32(buf + 8) != GLIDE_BLOCK_SIZE) {
+    uint32_t version = get_le32(buf + 4);
+    if ((version != 1 && version != STATE_VERSION) || get_le32(buf + 8) != GLIDE_BLOCK_SIZE) {
         snprintf(err, errlen, "state file %s has an unsupported version or block size", path);
         goto out;
     }
@@ -163,11 +175,17 @@ static int read_state_file(struct volume *v, uint64_t *ckpt_seq, char *err, size
     while (pos < len - 4) {
         uint64_t x;
         if (get_varint(buf, len - 4, &pos, &x) < 0) break;
-        uint64_t count = x >> 2;
-        uint8_t base = (uint8_t)(x & 3);
+        unsigned shift = version == 1 ? 2 : 3;
+        uint64_t count = x >> shift;
+        uint8_t code = (uint8_t)(x & ((1u << shift) - 1));
+        uint8_t base = code & BLOCK_BASE_MASK;
+        int remote = (code & 4u) != 0;
         if (base > BLOCK_ZERO || count > nblocks - lba) { lba = UINT64_MAX; break; }
-        if (base != BLOCK_ABSENT)
-            for (uint64_t i = 0; i < count; i++) block_index_set_base(v->bi, lba + i, base);
+        if (code)
+            for (uint64_t i = 0; i < count; i++) {
+                block_index_set_base(v->bi, lba + i, base);
+                block_index_set_remote(v->bi, lba + i, remote);
+            }
         lba += count;
     }
     if (lba != nblocks) { snprintf(err, errlen, "state file %s: block runs do not cover the volume", path); goto out; }
@@ -203,7 +221,12 @@ int volume_open(const struct volume_config *cfg, struct volume **out, char *err,
     pthread_mutex_init(&v->conn_mu, NULL);
     pthread_cond_init(&v->conn_cv, NULL);
     pthread_cond_init(&v->space_cv, NULL);
+    pthread_rwlock_init(&v->evict_rw, NULL);
+    pthread_mutex_init(&v->miss_mu, NULL);
+    v->miss_efd = -1;
     int rc;
+    v->miss_buckets = calloc(MISS_BUCKETS, sizeof *v->miss_buckets);
+    if (!v->miss_buckets) { rc = -ENOMEM; goto fail; }
     v->bi = block_index_create(v->nblocks);
     if (!v->bi) { rc = -ENOMEM; goto fail; }
     if (mkdir(v->dir, 0700) < 0 && errno != EEXIST) {
@@ -248,6 +271,8 @@ int volume_open(const struct volume_config *cfg, struct volume **out, char *err,
     }
     v->pressure_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (v->pressure_efd < 0) { rc = -errno; goto fail; }
+    v->miss_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (v->miss_efd < 0) { rc = -errno; goto fail; }
     *out = v;
     return 0;
 fail:
@@ -260,6 +285,20 @@ void volume_close(struct volume *v) {
     wal_close(&v->wal);
     if (v->cache_fd >= 0) close(v->cache_fd);
     if (v->pressure_efd >= 0) close(v->pressure_efd);
+    if (v->miss_efd >= 0) close(v->miss_efd);
+    if (v->miss_buckets) {
+        /* parked reads are gone with their connections; fail any stragglers */
+        for (unsigned i = 0; i < MISS_BUCKETS; i++) {
+            while (v->miss_buckets[i]) {
+                struct miss_entry *e = v->miss_buckets[i];
+                v->miss_buckets[i] = e->next;
+                miss_fire(e->waiters, ESHUTDOWN);
+                free(e);
+            }
+        }
+        free(v->miss_buckets);
+    }
+    free(v->miss_queue);
     block_index_destroy(v->bi);
     free(v);
 }
@@ -269,8 +308,8 @@ void volume_close(struct volume *v) {
 static int block_is_zero_clean(struct volume *v, uint64_t lba) {
     uint8_t s = block_index_state(v->bi, lba);
     if (s & BLOCK_DIRTY) return 0;
-    /* Until a store is attached an ABSENT block has no other copy: zeros. */
-    return (s & BLOCK_BASE_MASK) == BLOCK_ZERO || (s & BLOCK_BASE_MASK) == BLOCK_ABSENT;
+    /* An ABSENT block the store does not hold reads as zeros. */
+    return (s & BLOCK_BASE_MASK) == BLOCK_ZERO || ((s & BLOCK_BASE_MASK) == BLOCK_ABSENT && !(s & BLOCK_REMOTE));
 }
 
 static int apply_record(struct volume *v, const struct wal_record *r, struct wal_segment *seg, uint64_t data_off) {
@@ -459,7 +498,7 @@ int volume_flush(struct volume *v) {
 
 /* ---------- read path ---------- */
 
-enum src_kind { SRC_ZERO, SRC_CACHE, SRC_WAL };
+enum src_kind { SRC_ZERO, SRC_CACHE, SRC_WAL, SRC_MISS };
 struct plan_entry {
     uint8_t kind;
     struct wal_segment *seg; /* referenced while the read runs */
@@ -478,9 +517,80 @@ static void plan_block(struct volume *v, uint64_t lba, const struct block_versio
         }
         return;
     }
-    uint8_t base = block_index_state(v->bi, lba) & BLOCK_BASE_MASK;
+    uint8_t st = block_index_state(v->bi, lba);
+    uint8_t base = st & BLOCK_BASE_MASK;
     if (base == BLOCK_CLEAN) { p->kind = SRC_CACHE; p->off = lba * GLIDE_BLOCK_SIZE; }
+    else if (base == BLOCK_ABSENT && (st & BLOCK_REMOTE)) p->kind = SRC_MISS;
     else p->kind = SRC_ZERO;
+}
+
+static void drop_plan_refs(struct plan_entry *p, int n) {
+    for (int i = 0; i < n; i++)
+        if (p[i].kind == SRC_WAL) wal_segment_put(p[i].seg);
+}
+
+/* ---------- read misses (caller holds idx_mu; takes miss_mu) ---------- */
+
+static struct miss_entry **miss_bucket(struct volume *v, uint64_t lba) {
+    return &v->miss_buckets[(lba * 0x9E3779B97F4A7C15ULL) >> 52 & (MISS_BUCKETS - 1)];
+}
+
+/* Queue lba for the fetcher unless it is already waiting; park w on it if
+ * given. -ENOMEM leaves nothing half-registered. */
+static int miss_register(struct volume *v, uint64_t lba, struct miss_waiter *w) {
+    int rc = 0;
+    pthread_mutex_lock(&v->miss_mu);
+    struct miss_entry **b = miss_bucket(v, lba), *e = *b;
+    while (e && e->lba != lba) e = e->next;
+    if (!e) {
+        if (v->miss_len == v->miss_cap) {
+            size_t nc = v->miss_cap ? v->miss_cap * 2 : 256;
+            uint64_t *nq = malloc(nc * sizeof *nq);
+            if (!nq) { rc = -ENOMEM; goto out; }
+            for (size_t i = 0; i < v->miss_len; i++) nq[i] = v->miss_queue[(v->miss_head + i) % v->miss_cap];
+            free(v->miss_queue);
+            v->miss_queue = nq;
+            v->miss_cap = nc;
+            v->miss_head = 0;
+        }
+        e = calloc(1, sizeof *e);
+        if (!e) { rc = -ENOMEM; goto out; }
+        e->lba = lba;
+        e->next = *b;
+        *b = e;
+        v->miss_queue[(v->miss_head + v->miss_len++) % v->miss_cap] = lba;
+        atomic_fetch_add(&v->misses, 1);
+        uint64_t one = 1;
+        ssize_t n = write(v->miss_efd, &one, sizeof one);
+        (void)n;
+    }
+    if (w) { w->next = e->waiters; e->waiters = w; }
+out:
+    pthread_mutex_unlock(&v->miss_mu);
+    return rc;
+}
+
+static struct miss_waiter *miss_resolve(struct volume *v, uint64_t lba) {
+    pthread_mutex_lock(&v->miss_mu);
+    struct miss_entry **b = miss_bucket(v, lba);
+    while (*b && (*b)->lba != lba) b = &(*b)->next;
+    struct miss_waiter *ws = NULL;
+    if (*b) {
+        struct miss_entry *e = *b;
+        *b = e->next;
+        ws = e->waiters;
+        free(e);
+    }
+    pthread_mutex_unlock(&v->miss_mu);
+    return ws;
+}
+
+static void miss_fire(struct miss_waiter *ws, int err) {
+    while (ws) {
+        struct miss_waiter *nx = ws->next;
+        ws->done(ws, err);
+        ws = nx;
+    }
 }
 
 /* Execute a plan of n consecutive blocks into out, coalescing runs that are
@@ -507,25 +617,92 @@ static int run_plan(struct volume *v, struct plan_entry *p, int n, uint8_t *out)
     return rc;
 }
 
-static int read_blocks(struct volume *v, uint64_t lba, uint64_t nblocks, uint8_t *out, uint64_t as_of) {
+/* Reads blocks into out; a block only the store has parks w (when given) and
+ * returns VOLUME_PARKED, or, with w NULL, queues the fetch and returns
+ * -EAGAIN. Every missing block of the chunk is queued at once, so a large
+ * read fetches in parallel and re-parks at most once per chunk. */
+static int read_blocks(struct volume *v, uint64_t lba, uint64_t nblocks, uint8_t *out, uint64_t as_of,
+                       struct miss_waiter *w) {
     struct plan_entry plan[PLAN_CHUNK];
     while (nblocks) {
         int n = nblocks < PLAN_CHUNK ? (int)nblocks : PLAN_CHUNK;
+        pthread_rwlock_rdlock(&v->evict_rw);
         pthread_mutex_lock(&v->idx_mu);
+        int first_miss = -1;
         for (int i = 0; i < n; i++) {
             const struct block_version *ver = as_of == UINT64_MAX ? block_index_latest(v->bi, lba + i)
                                                                   : block_index_as_of(v->bi, lba + i, as_of);
             plan_block(v, lba + i, ver, &plan[i]);
+            if (plan[i].kind == SRC_MISS) {
+                int rc = miss_register(v, lba + i, first_miss < 0 ? w : NULL);
+                if (rc) {
+                    pthread_mutex_unlock(&v->idx_mu);
+                    pthread_rwlock_unlock(&v->evict_rw);
+                    drop_plan_refs(plan, i);
+                    return rc;
+                }
+                if (first_miss < 0) first_miss = i;
+            }
         }
         pthread_mutex_unlock(&v->idx_mu);
+        if (first_miss >= 0) {
+            pthread_rwlock_unlock(&v->evict_rw);
+            drop_plan_refs(plan, n);
+            return w ? VOLUME_PARKED : -EAGAIN;
+        }
         int rc = run_plan(v, plan, n, out);
+        pthread_rwlock_unlock(&v->evict_rw);
         if (rc) { atomic_fetch_add(&v->st.errors, 1); return rc; }
         lba += (uint64_t)n; nblocks -= (uint64_t)n; out += (size_t)n * GLIDE_BLOCK_SIZE;
     }
     return 0;
 }
 
+struct blocking_miss {
+    struct miss_waiter base;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int done, err;
+};
+
+static void blocking_miss_done(struct miss_waiter *w, int err) {
+    struct blocking_miss *b = (struct blocking_miss *)w;
+    pthread_mutex_lock(&b->mu);
+    b->done = 1;
+    b->err = err;
+    pthread_cond_signal(&b->cv);
+    pthread_mutex_unlock(&b->mu);
+}
+
+/* The blocking form: park, wait for the fetcher, run again. */
+static int read_blocks_wait(struct volume *v, uint64_t lba, uint64_t nblocks, uint8_t *out, uint64_t as_of) {
+    for (;;) {
+        struct blocking_miss b = {.base = {.done = blocking_miss_done}};
+        pthread_mutex_init(&b.mu, NULL);
+        pthread_cond_init(&b.cv, NULL);
+        int rc = read_blocks(v, lba, nblocks, out, as_of, &b.base);
+        if (rc == VOLUME_PARKED) {
+            pthread_mutex_lock(&b.mu);
+            while (!b.done) pthread_cond_wait(&b.cv, &b.mu);
+            pthread_mutex_unlock(&b.mu);
+            rc = b.err ? -b.err : VOLUME_PARKED;
+        }
+        pthread_mutex_destroy(&b.mu);
+        pthread_cond_destroy(&b.cv);
+        if (rc != VOLUME_PARKED) return rc;
+    }
+}
+
 int volume_read(struct volume *v, uint64_t off, uint64_t len, void *buf) {
+    return volume_read_or_park(v, off, len, buf, NULL);
+}
+
+/* Without a waiter, wait here for the fetcher; with one, park and return. */
+static int read_latest(struct volume *v, uint64_t lba, uint64_t n, uint8_t *out, struct miss_waiter *w) {
+    return w ? read_blocks(v, lba, n, out, UINT64_MAX, w) : read_blocks_wait(v, lba, n, out, UINT64_MAX);
+}
+
+int volume_read_or_park(struct volume *v, uint64_t off, uint64_t len, void *buf, struct miss_waiter *w) {
     if (check_range(v, off, len)) return -EINVAL;
     if (!len) return 0;
     atomic_fetch_add(&v->st.reads, 1);
@@ -536,20 +713,20 @@ int volume_read(struct volume *v, uint64_t off, uint64_t len, void *buf) {
         uint8_t blk[GLIDE_BLOCK_SIZE];
         uint64_t n = GLIDE_BLOCK_SIZE - head;
         if (n > len) n = len;
-        int rc = read_blocks(v, off / GLIDE_BLOCK_SIZE, 1, blk, UINT64_MAX);
+        int rc = read_latest(v, off / GLIDE_BLOCK_SIZE, 1, blk, w);
         if (rc) return rc;
         memcpy(out, blk + head, n);
         off += n; len -= n; out += n;
     }
     uint64_t full = len / GLIDE_BLOCK_SIZE;
     if (full) {
-        int rc = read_blocks(v, off / GLIDE_BLOCK_SIZE, full, out, UINT64_MAX);
+        int rc = read_latest(v, off / GLIDE_BLOCK_SIZE, full, out, w);
         if (rc) return rc;
         off += full * GLIDE_BLOCK_SIZE; len -= full * GLIDE_BLOCK_SIZE; out += full * GLIDE_BLOCK_SIZE;
     }
     if (len) {
         uint8_t blk[GLIDE_BLOCK_SIZE];
-        int rc = read_blocks(v, off / GLIDE_BLOCK_SIZE, 1, blk, UINT64_MAX);
+        int rc = read_latest(v, off / GLIDE_BLOCK_SIZE, 1, blk, w);
         if (rc) return rc;
         memcpy(out, blk, len);
     }
@@ -558,7 +735,7 @@ int volume_read(struct volume *v, uint64_t off, uint64_t len, void *buf) {
 
 int volume_read_block_as_of(struct volume *v, uint64_t lba, uint64_t seq, void *buf) {
     if (lba >= v->nblocks) return -EINVAL;
-    return read_blocks(v, lba, 1, buf, seq);
+    return read_blocks_wait(v, lba, 1, buf, seq);
 }
 
 /* ---------- block status ---------- */
@@ -569,8 +746,10 @@ static uint32_t block_flags(struct volume *v, uint64_t lba) {
         if (ver->kind == WAL_KIND_DATA) return 0;
         return ver->kind == WAL_KIND_ZERO_ALLOC ? 2u : 3u;
     }
-    uint8_t base = block_index_state(v->bi, lba) & BLOCK_BASE_MASK;
-    return base == BLOCK_CLEAN ? 0u : 3u;
+    uint8_t st = block_index_state(v->bi, lba);
+    uint8_t base = st & BLOCK_BASE_MASK;
+    if (base == BLOCK_CLEAN || (base == BLOCK_ABSENT && (st & BLOCK_REMOTE))) return 0u;
+    return 3u;
 }
 
 int volume_block_status(struct volume *v, uint64_t off, uint64_t len, extent_fn fn, void *ctx) {
@@ -707,7 +886,7 @@ int volume_checkpoint(struct volume *v, uint64_t upto, struct checkpoint_stats *
     uint64_t before = block_index_version_count(v->bi);
     block_index_drop_upto(v->bi, cut);
     atomic_fetch_sub(&v->nversions, before - block_index_version_count(v->bi));
-    for (uint64_t i = 0; i < v->nblocks; i++) bases[i] = block_index_state(v->bi, i) & BLOCK_BASE_MASK;
+    for (uint64_t i = 0; i < v->nblocks; i++) bases[i] = block_index_state(v->bi, i) & BLOCK_PERSISTED_MASK;
     pthread_mutex_unlock(&v->idx_mu);
 
     /* 4. persist, then the WAL up to cut is no longer needed */
@@ -726,5 +905,105 @@ int volume_checkpoint(struct volume *v, uint64_t upto, struct checkpoint_stats *
     pthread_mutex_unlock(&v->wal.mu);
 out:
     pthread_mutex_unlock(&v->ckpt_mu);
+    return rc;
+}
+
+/* ---------- the object-store side ---------- */
+
+void volume_set_remote(struct volume *v, uint64_t lba, uint64_t n, int on) {
+    if (lba >= v->nblocks) return;
+    if (n > v->nblocks - lba) n = v->nblocks - lba;
+    pthread_mutex_lock(&v->idx_mu);
+    for (uint64_t i = 0; i < n; i++) block_index_set_remote(v->bi, lba + i, on);
+    pthread_mutex_unlock(&v->idx_mu);
+}
+
+size_t volume_take_misses(struct volume *v, uint64_t *out, size_t max) {
+    pthread_mutex_lock(&v->miss_mu);
+    size_t n = 0;
+    while (n < max && v->miss_len) {
+        out[n++] = v->miss_queue[v->miss_head];
+        v->miss_head = (v->miss_head + 1) % v->miss_cap;
+        v->miss_len--;
+    }
+    if (!v->miss_len) {
+        uint64_t cnt;
+        ssize_t r = read(v->miss_efd, &cnt, sizeof cnt); /* drained: not readable */
+        (void)r;
+    }
+    pthread_mutex_unlock(&v->miss_mu);
+    return n;
+}
+
+int volume_install(struct volume *v, uint64_t lba, const void *data) {
+    if (lba >= v->nblocks) return -EINVAL;
+    int rc = 0;
+    pthread_mutex_lock(&v->idx_mu);
+    uint8_t st = block_index_state(v->bi, lba);
+    /* Only an ABSENT block the store holds and nobody wrote since: a write
+     * that overtook the fetch wins, and the parked reads will see it. The
+     * pwrite happens under idx_mu so a checkpoint cannot interleave. */
+    if (!(st & BLOCK_DIRTY) && (st & BLOCK_BASE_MASK) == BLOCK_ABSENT && (st & BLOCK_REMOTE)) {
+        rc = pwrite_full(v->cache_fd, data, GLIDE_BLOCK_SIZE, lba * GLIDE_BLOCK_SIZE);
+        if (!rc) {
+            block_index_set_base(v->bi, lba, BLOCK_CLEAN);
+            atomic_fetch_add(&v->installs, 1);
+        }
+    }
+    pthread_mutex_unlock(&v->idx_mu);
+    miss_fire(miss_resolve(v, lba), rc ? -rc : 0);
+    return rc;
+}
+
+void volume_fail_miss(struct volume *v, uint64_t lba, int err) {
+    atomic_fetch_add(&v->fetch_failures, 1);
+    miss_fire(miss_resolve(v, lba), err ? err : EIO);
+}
+
+int volume_evict(struct volume *v, uint64_t lba, uint64_t n, uint64_t *evicted) {
+    *evicted = 0;
+    if (lba >= v->nblocks) return -EINVAL;
+    if (n > v->nblocks - lba) n = v->nblocks - lba;
+    int rc = 0;
+    /* exclusive: no read is between planning "cache file" and its pread */
+    pthread_rwlock_wrlock(&v->evict_rw);
+    pthread_mutex_lock(&v->idx_mu);
+    for (uint64_t i = 0; i < n && !rc; i++) {
+        uint8_t st = block_index_state(v->bi, lba + i);
+        if ((st & BLOCK_DIRTY) || (st & BLOCK_BASE_MASK) != BLOCK_CLEAN || !(st & BLOCK_REMOTE)) continue;
+        block_index_set_base(v->bi, lba + i, BLOCK_ABSENT);
+        if (fallocate(v->cache_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                      (off_t)((lba + i) * GLIDE_BLOCK_SIZE), GLIDE_BLOCK_SIZE) < 0)
+            rc = -errno; /* the block is ABSENT either way: it will be refetched */
+        (*evicted)++;
+    }
+    pthread_mutex_unlock(&v->idx_mu);
+    pthread_rwlock_unlock(&v->evict_rw);
+    atomic_fetch_add(&v->evictions, *evicted);
+    return rc;
+}
+
+int volume_flush_cut(struct volume *v, uint64_t *cut) {
+    pthread_mutex_lock(&v->wal.mu);
+    int rc = wal_cut_locked(&v->wal, cut);
+    pthread_mutex_unlock(&v->wal.mu);
+    return rc;
+}
+
+struct dirty_ctx {
+    dirty_fn fn;
+    void *ctx;
+};
+
+static int dirty_visit(void *ctx, uint64_t lba, const struct block_version *ver) {
+    struct dirty_ctx *d = ctx;
+    return d->fn(d->ctx, lba, ver->kind);
+}
+
+int volume_dirty_upto(struct volume *v, uint64_t cut, dirty_fn fn, void *ctx) {
+    struct dirty_ctx d = {fn, ctx};
+    pthread_mutex_lock(&v->idx_mu);
+    int rc = block_index_visit_upto(v->bi, cut, dirty_visit, &d);
+    pthread_mutex_unlock(&v->idx_mu);
     return rc;
 }

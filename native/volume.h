@@ -9,7 +9,17 @@
  * ordering: the cache file is written only by a checkpoint, only for blocks
  * that are still DIRTY (so no reader looks at the cache file for them), and
  * only after the WAL records being written back are durable; the blocks leave
- * DIRTY only after the cache file's fdatasync.
+ * DIRTY only after the cache file's fdatasync. Eviction (CLEAN -> ABSENT, a
+ * hole punched) takes evict_rw exclusively, and every read holds it shared
+ * from planning to the end of its pread, so no read can plan "cache file" and
+ * then read a hole. A fetched block is installed only if it is still ABSENT
+ * and not DIRTY, under idx_mu, so a fetch never overwrites a newer write.
+ *
+ * Read misses: a read that needs an ABSENT+REMOTE block registers a waiter
+ * (under idx_mu, so an install cannot slip between the check and the
+ * registration), queues the block for the fetcher (once per block) and
+ * returns VOLUME_PARKED; the waiter fires when the block is installed or the
+ * fetch failed, and the caller re-runs the read.
  */
 #ifndef GLIDE_VOLUME_H
 #define GLIDE_VOLUME_H
@@ -22,6 +32,17 @@
 #include "wal.h"
 
 struct nbd_conn;
+
+#define VOLUME_PARKED 1
+
+/* Fired (from the installer's thread, no volume lock held) when the block a
+ * parked read waits for was installed (err 0) or could not be fetched. */
+struct miss_waiter {
+    void (*done)(struct miss_waiter *w, int err);
+    struct miss_waiter *next;
+};
+
+struct miss_entry;
 
 struct volume_config {
     const char *dir;
@@ -62,6 +83,15 @@ struct volume {
     struct nbd_conn *conns;
     int nconns;
 
+    pthread_rwlock_t evict_rw;
+
+    pthread_mutex_t miss_mu; /* after idx_mu in the lock order */
+    struct miss_entry **miss_buckets;
+    uint64_t *miss_queue; /* blocks waiting for the fetcher, FIFO ring */
+    size_t miss_head, miss_len, miss_cap;
+    int miss_efd;          /* readable while miss_queue is not empty */
+    atomic_ulong misses, installs, fetch_failures, evictions;
+
     struct volume_stats st;
     struct wal_replay_stats replay;
 };
@@ -77,6 +107,9 @@ void volume_close(struct volume *v);
  * read-modify-written. *seq receives the WAL sequence to wait on for
  * durability (0 if the call changed nothing). */
 int volume_read(struct volume *v, uint64_t off, uint64_t len, void *buf);
+/* Like volume_read, but when a block must come from the store it parks `w`
+ * and returns VOLUME_PARKED instead of waiting. */
+int volume_read_or_park(struct volume *v, uint64_t off, uint64_t len, void *buf, struct miss_waiter *w);
 int volume_write(struct volume *v, uint64_t off, uint64_t len, const void *buf, uint64_t *seq);
 int volume_trim(struct volume *v, uint64_t off, uint64_t len, uint64_t *seq);
 int volume_write_zeroes(struct volume *v, uint64_t off, uint64_t len, int no_hole, uint64_t *seq);
@@ -95,5 +128,25 @@ int volume_block_status(struct volume *v, uint64_t off, uint64_t len, extent_fn 
 int volume_checkpoint(struct volume *v, uint64_t upto, struct checkpoint_stats *st);
 
 uint64_t volume_charge(struct volume *v); /* current WAL + index charge */
+
+/* ---- the object-store side (fetcher, flusher, eviction) ---- */
+
+/* Mark blocks as present (or not) in the store's committed manifest. */
+void volume_set_remote(struct volume *v, uint64_t lba, uint64_t n, int on);
+/* Up to max blocks the fetcher should get; 0 when none are waiting. */
+size_t volume_take_misses(struct volume *v, uint64_t *out, size_t max);
+/* A fetched, verified block: stored unless a write overtook it; parked reads
+ * re-run either way. */
+int volume_install(struct volume *v, uint64_t lba, const void *data);
+/* The block could not be fetched: parked reads fail with err. */
+void volume_fail_miss(struct volume *v, uint64_t lba, int err);
+/* CLEAN blocks that the store holds become ABSENT (hole punched); returns how
+ * many were evicted. Never touches DIRTY blocks or blocks only local. */
+int volume_evict(struct volume *v, uint64_t lba, uint64_t n, uint64_t *evicted);
+/* Seal the WAL and return the cut for a flush (everything <= cut is in the
+ * index); the flusher then lists and reads the dirty blocks as of it. */
+int volume_flush_cut(struct volume *v, uint64_t *cut);
+typedef int (*dirty_fn)(void *ctx, uint64_t lba, uint8_t kind);
+int volume_dirty_upto(struct volume *v, uint64_t cut, dirty_fn fn, void *ctx);
 
 #endif
