@@ -1,0 +1,799 @@
+"""Manifest: formats, model-checked apply/commit/reopen, point-in-time roots,
+fencing, ambiguous root writes, damage detection, and what a commit costs.
+
+Most tests use small leaves and fanouts so a few thousand blocks span many
+leaves and three levels of inner nodes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import struct
+import threading
+from pathlib import Path
+
+import pytest
+import xxhash
+
+from glide import manifest as mf
+from glide.manifest import (
+    Fenced,
+    FormatError,
+    Location,
+    Manifest,
+    MissingNode,
+    NotOwner,
+    Root,
+    VolumeExists,
+    bench_commit_cost,
+    reachable_keys,
+)
+from glide.pack import PackWriter
+from glide.store import LocalDirStore, NotFound, ObjectStore, StoreUnavailable
+from glide.store.faults import Fault, FaultKind, FaultPlan, FaultyStore
+
+BS = 4096
+KiB = 1 << 10
+GiB = 1 << 30
+
+
+def fake_pack(n: int, entries: int = 64) -> tuple[str, int, int, int]:
+    """A pack key with a plausible index position, without writing a pack."""
+    key = xxhash.xxh3_128_hexdigest(b"pack-%d" % n)
+    return key, 16 + entries * 1000, 32 * (entries + 1), entries
+
+
+def loc(pack_no: int, entry: int, entries: int = 64) -> Location:
+    key, offset, length, _ = fake_pack(pack_no, entries)
+    return Location(key, offset, length, entry)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalDirStore:
+    return LocalDirStore(tmp_path / "store")
+
+
+def small(store: ObjectStore, name: str = "vol", blocks: int = 2000, **kw: object) -> Manifest:
+    options: dict = {"leaf_span": 8, "inner_fanout": 4, "writer": "host-a/1"}
+    options.update(kw)
+    return Manifest.create(store, name, blocks * BS, **options)
+
+
+def node_keys(store: ObjectStore) -> set[str]:
+    return {info.key for info in store.list("nodes/")}
+
+
+# --- geometry and root format ---------------------------------------------------
+
+
+def test_geometry_levels() -> None:
+    g = mf.Geometry((1 << 40) // BS, 4096, 256)
+    assert (g.nleaves, g.count(1), g.levels, g.count(g.levels)) == (65536, 256, 1, 256)
+    g = mf.Geometry((1 << 40) // BS + 1, 4096, 256)
+    assert g.levels == 2 and g.count(2) == 2
+    g = mf.Geometry(1, 4096, 256)
+    assert (g.nleaves, g.levels, g.count(1), g.leaf_limit(0)) == (1, 1, 1, 1)
+    g = mf.Geometry(2000, 8, 4)
+    assert (g.nleaves, g.levels, g.count(3)) == (250, 3, 4)
+    assert g.slots(1, 62) == 2 and g.slots(3, 3) == 4 - 0 and g.slots(3, 0) == 4
+
+
+def test_big_sparse_volume_uses_two_levels(store: LocalDirStore) -> None:
+    manifest = Manifest.create(store, "big", 2 << 40, writer="w")  # 2 TiB, default geometry
+    assert manifest.root.geometry.levels == 2 and len(manifest.root.children) == 2
+    last = manifest.nblocks - 1
+    manifest.apply({0: loc(0, 0), last: loc(0, 1)})
+    manifest.commit()
+    stats = manifest.stats
+    assert stats is not None and (stats.leaves_written, stats.inners_written) == (2, 4)
+    manifest.apply({1: loc(0, 2)})
+    manifest.commit()
+    stats = manifest.stats
+    assert stats is not None and (stats.leaves_written, stats.inners_written) == (1, 2)
+    assert stats.bytes_put < 4 * KiB  # nearly empty nodes compress to little
+    fresh = Manifest.open(store, "big")
+    assert [fresh.lookup(b) for b in (0, 1, 2, last)] == [loc(0, 0), loc(0, 2), None, loc(0, 1)]
+
+
+def sample_root(**overrides: object) -> Root:
+    fields: dict = dict(volume="vol", size=2000 * BS, version=7, epoch=2, writer="host-a/1",
+                        cut_seq=12345, children=(None, "ab" * 16, None, "cd" * 16),
+                        meta={"k": [1, "x", None]}, leaf_span=8, inner_fanout=4)
+    fields.update(overrides)
+    return Root(**fields)
+
+
+def test_root_roundtrip_and_text_form() -> None:
+    root = sample_root()
+    data = root.encode()
+    assert data.startswith(b"GLIDEFS-ROOT 1 ") and data.endswith(b"\n")
+    assert Root.decode(data) == root
+    assert Root.decode(data, volume="vol") == root
+    with pytest.raises(FormatError, match="belongs to volume"):
+        Root.decode(data, volume="other")
+
+
+def test_every_root_byte_flip_and_truncation_is_detected() -> None:
+    data = sample_root().encode()
+    for pos in range(len(data)):
+        for flip in (0x01, 0x20, 0x80):
+            damaged = bytearray(data)
+            damaged[pos] ^= flip
+            with pytest.raises(FormatError):
+                Root.decode(bytes(damaged))
+    for length in range(len(data)):
+        with pytest.raises(FormatError):
+            Root.decode(data[:length])
+    with pytest.raises(FormatError):
+        Root.decode(data + b"x")
+
+
+def forge_root(fields: dict, *, raw_body: bytes | None = None) -> bytes:
+    """A root with a correct checksum around whatever body we like."""
+    body = raw_body if raw_body is not None else json.dumps(
+        fields, sort_keys=True, separators=(",", ":")).encode()
+    return b"GLIDEFS-ROOT 1 " + xxhash.xxh3_64_hexdigest(body).encode() + b"\n" + body + b"\n"
+
+
+def good_fields() -> dict:
+    return json.loads(sample_root().encode().split(b"\n")[1])
+
+
+@pytest.mark.parametrize("change", [
+    {"version": 0}, {"version": -1}, {"version": 1 << 64}, {"version": True},
+    {"version": 1.0}, {"epoch": "1"}, {"cut_seq": None}, {"size": 0}, {"size": 4097},
+    {"size": True}, {"block_size": 512}, {"leaf_span": 0}, {"leaf_span": 65537},
+    {"inner_fanout": 1}, {"levels": 2}, {"levels": True}, {"children": [None]},
+    {"children": "abc"}, {"children": [None, "AB" * 16, None, None]},
+    {"children": [None, "ab" * 15, None, None]}, {"children": [None, 5, None, None]},
+    {"writer": 5}, {"writer": "w" * 257}, {"volume": "a/b"}, {"volume": ""},
+    {"volume": "bad name"}, {"meta": []}, {"extra": 1},
+])
+def test_root_fields_are_validated(change: dict) -> None:
+    fields = good_fields()
+    fields.update(change)
+    with pytest.raises(FormatError):
+        Root.decode(forge_root(fields))
+
+
+def test_root_json_oddities_are_refused() -> None:
+    fields = good_fields()
+    del fields["meta"]
+    with pytest.raises(FormatError, match="fields"):
+        Root.decode(forge_root(fields))
+    body = json.dumps(good_fields(), sort_keys=True, separators=(",", ":")).encode()
+    for raw in (body[:-1] + b',"epoch":3}', b"[1,2]", b'{"a":NaN}', b"\xff\xfe",
+                b"[" * 100000):
+        with pytest.raises(FormatError):
+            Root.decode(forge_root({}, raw_body=raw))
+    with pytest.raises(FormatError, match="format 2"):
+        Root.decode(b"GLIDEFS-ROOT 2 " + forge_root(good_fields())[15:])
+
+
+# --- node formats -------------------------------------------------------------------
+
+
+def leaf_with(span: int, limit: int, items: dict[int, Location]) -> mf._Leaf:
+    leaf = mf._Leaf(0, span, limit)
+    for offset, location in items.items():
+        leaf.set(offset, location)
+    return leaf
+
+
+def sample_leaf() -> mf._Leaf:
+    rng = random.Random(3)
+    return leaf_with(64, 60, {o: loc(rng.randrange(4), rng.randrange(64))
+                              for o in rng.sample(range(60), 25)})
+
+
+def test_leaf_roundtrip_is_canonical() -> None:
+    leaf = sample_leaf()
+    body = leaf.encode()
+    decoded = mf._Leaf.decode(body, 0, 64, 60)
+    assert list(decoded.items()) == list(leaf.items())
+    assert decoded.encode() == body
+    # Overwriting in a different order gives the same bytes once the content
+    # is the same: the key of a leaf depends only on what it maps.
+    items = dict(leaf.items())
+    shuffled = list(items.items())
+    random.Random(1).shuffle(shuffled)
+    other = leaf_with(64, 60, {o: loc(9, 1) for o in items})
+    for offset, location in shuffled:
+        other.set(offset, location)
+    assert other.encode() == body
+    other.compact()
+    assert other.encode() == body
+
+
+def test_every_leaf_body_flip_decodes_strictly_or_fails_cleanly() -> None:
+    body = sample_leaf().encode()
+    accepted = 0
+    for pos in range(len(body)):
+        for flip in (0x01, 0x80, 0xFF):
+            damaged = bytearray(body)
+            damaged[pos] ^= flip
+            try:
+                decoded = mf._Leaf.decode(bytes(damaged), 0, 64, 60)
+            except FormatError:
+                continue
+            # Some flips are a different valid leaf (another entry, another
+            # digest): the node's content hash is what catches those. Such a
+            # leaf must still be canonical.
+            accepted += 1
+            assert decoded.encode() == bytes(damaged)
+    assert accepted < len(body)
+    for length in range(len(body)):
+        with pytest.raises(FormatError):
+            mf._Leaf.decode(body[:length], 0, 64, 60)
+
+
+def forge_leaf(first: int = 0, span: int = 8, packs: list[tuple[bytes, int, int]] | None = None,
+               bitmap: bytes = b"\x03", refs: list[int] | None = None,
+               entries: list[int] | None = None, nblocks: int | None = None,
+               reserved: int = 0) -> bytes:
+    key, offset, length, _ = fake_pack(0)
+    packs = [(bytes.fromhex(key), offset, length)] if packs is None else packs
+    refs = [0, 0] if refs is None else refs
+    entries = [0, 1] if entries is None else entries
+    nblocks = len(refs) if nblocks is None else nblocks
+    return (mf.LEAF_HEAD.pack(first, span, len(packs), nblocks, reserved)
+            + b"".join(mf.PACK_REF.pack(*p) for p in packs) + bitmap
+            + struct.pack(f"<{len(refs)}H", *refs) + struct.pack(f"<{len(entries)}I", *entries))
+
+
+def test_forged_leaf_baseline_decodes() -> None:
+    leaf = mf._Leaf.decode(forge_leaf(), 0, 8, 8)
+    assert [(lba, where.entry) for lba, where in leaf.items()] == [(0, 0), (1, 1)]
+
+
+def test_forged_leaf_fields_are_validated() -> None:
+    key1 = bytes.fromhex(fake_pack(1)[0])
+    p0 = fake_pack(0)
+    cases = [
+        (forge_leaf(first=8), "covers"),
+        (forge_leaf(span=16), "covers"),
+        (forge_leaf(reserved=1), "reserved"),
+        (forge_leaf(bitmap=b"\x00", refs=[], entries=[], nblocks=0), "blocks"),
+        (forge_leaf(bitmap=b"\x07"), "bitmap"),
+        (forge_leaf(bitmap=b"\x81"), None),  # limit 7 below: bit 7 is past the end
+        (forge_leaf(refs=[0, 1]), "out of order|packs"),
+        (forge_leaf(refs=[1, 0], packs=[(bytes.fromhex(p0[0]), p0[1], p0[2]),
+                                        (key1, p0[1], p0[2])]), "out of order"),
+        (forge_leaf(packs=[(bytes.fromhex(p0[0]), p0[1], p0[2])] * 2, refs=[0, 1]), "twice"),
+        (forge_leaf(packs=[(bytes.fromhex(p0[0]), p0[1], p0[2]), (key1, p0[1], p0[2])]),
+         "uses"),
+        (forge_leaf(entries=[0, 64]), "past the end"),
+        (forge_leaf(entries=[0, 0xFFFF_FFFF]), "past the end"),
+        (forge_leaf(packs=[(bytes.fromhex(p0[0]), p0[1], 33)]), "index length"),
+        (forge_leaf(packs=[(bytes.fromhex(p0[0]), 3, p0[2])]), "index offset"),
+        (forge_leaf() + b"\0", "bytes, expected"),
+    ]
+    for body, message in cases:
+        with pytest.raises(FormatError, match=message):
+            mf._Leaf.decode(body, 0, 8, 7 if message is None else 8)
+
+
+def test_inner_roundtrip_and_validation() -> None:
+    children = [None, b"\1" * 16, None, b"\2" * 16]
+    body = mf.encode_inner(2, 5, children)
+    assert mf.decode_inner(body, 2, 5, 4) == children
+    for expect in ((1, 5, 4), (2, 4, 4), (2, 5, 3)):
+        with pytest.raises(FormatError, match="expected"):
+            mf.decode_inner(body, *expect)
+    with pytest.raises(FormatError):
+        mf.decode_inner(mf.encode_inner(2, 5, [None] * 4), 2, 5, 4)  # empty: never stored
+    for pos in range(len(body)):
+        damaged = bytearray(body)
+        damaged[pos] ^= 0x01
+        try:
+            got = mf.decode_inner(bytes(damaged), 2, 5, 4)
+        except FormatError:
+            continue
+        assert mf.encode_inner(2, 5, got) == bytes(damaged)  # only a digest byte changed
+        assert pos >= mf.INNER_HEAD.size + 1
+    for length in range(len(body)):
+        with pytest.raises(FormatError):
+            mf.decode_inner(body[:length], 2, 5, 4)
+
+
+def test_node_envelope_validation() -> None:
+    body = sample_leaf().encode()
+    node = mf.encode_node(mf.KIND_LEAF, body)
+    assert mf.decode_node(node, mf.KIND_LEAF) == body
+    with pytest.raises(FormatError, match="kind"):
+        mf.decode_node(node, mf.KIND_INNER)
+    raw = mf.ENVELOPE.pack(b"GMND", 1, 1, 0, len(body), 0) + body
+    assert mf.decode_node(raw, mf.KIND_LEAF) == body
+    bad = [
+        (mf.ENVELOPE.pack(b"GMNX", 1, 1, 0, len(body), 0) + body, "magic"),
+        (mf.ENVELOPE.pack(b"GMND", 2, 1, 0, len(body), 0) + body, "format 2"),
+        (mf.ENVELOPE.pack(b"GMND", 1, 1, 7, len(body), 0) + body, "codec"),
+        (mf.ENVELOPE.pack(b"GMND", 1, 1, 0, len(body), 1) + body, "reserved"),
+        (mf.ENVELOPE.pack(b"GMND", 1, 1, 0, len(body) + 1, 0) + body, "expected"),
+        (mf.ENVELOPE.pack(b"GMND", 1, 1, 0, mf.MAX_NODE_BODY + 1, 0), "over"),
+        (node[:mf.ENVELOPE.size] + node[mf.ENVELOPE.size:-1], None),
+        (mf.ENVELOPE.pack(b"GMND", 1, 1, 1, len(body), 0) + b"junk", None),
+        (node[:10], "truncated"),
+    ]
+    for data, message in bad:
+        with pytest.raises(FormatError, match=message):
+            mf.decode_node(data, mf.KIND_LEAF)
+    # A frame that declares another size than the envelope is refused
+    # before anything is decompressed.
+    lying = mf.ENVELOPE.pack(b"GMND", 1, 1, 1, 10, 0) + node[mf.ENVELOPE.size:]
+    with pytest.raises(FormatError, match="declares"):
+        mf.decode_node(lying, mf.KIND_LEAF)
+
+
+# --- the manifest against a model ---------------------------------------------------
+
+
+def check_equal(manifest: Manifest, model: dict[int, Location], lbas: list[int] | None = None
+                ) -> None:
+    if lbas is None:
+        assert dict(manifest.items()) == model
+        lbas = list(range(manifest.nblocks))
+    for lba in lbas:
+        assert manifest.lookup(lba) == model.get(lba), lba
+
+
+def random_changes(rng: random.Random, nblocks: int, packs: int) -> dict[int, Location | None]:
+    changes: dict[int, Location | None] = {}
+    pack_no = rng.randrange(packs)
+    start = rng.randrange(nblocks)
+    for i in range(rng.randrange(1, 40)):
+        # Runs of neighbours (like a real write) and scattered blocks.
+        lba = (start + i) % nblocks if rng.random() < 0.6 else rng.randrange(nblocks)
+        if rng.random() < 0.25:
+            changes[lba] = None
+        else:
+            changes[lba] = loc(pack_no if rng.random() < 0.8 else rng.randrange(packs),
+                               rng.randrange(64))
+    return changes
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_apply_commit_reopen_against_model(store: LocalDirStore, seed: int) -> None:
+    rng = random.Random(seed)
+    nblocks = 2000 - seed * 3  # also a partial last leaf
+    manifest = small(store, blocks=nblocks, leaf_cache=3)
+    model: dict[int, Location] = {}
+    history: list[tuple[Root, dict[int, Location]]] = [(manifest.root, {})]
+    operations = 0
+    while operations < 3000:
+        changes = random_changes(rng, nblocks, packs=12)
+        operations += len(changes)
+        manifest.apply(changes)
+        for lba, location in changes.items():
+            if location is None:
+                model.pop(lba, None)
+            else:
+                model[lba] = location
+        # Uncommitted changes are visible to lookups.
+        check_equal(manifest, model, [rng.randrange(nblocks) for _ in range(20)] +
+                    list(changes))
+        roll = rng.random()
+        if roll < 0.4:
+            manifest.commit(cut_seq=operations, meta={"ops": operations})
+            assert not manifest.dirty
+            history.append((manifest.root, dict(model)))
+            assert manifest.root.cut_seq == operations
+            assert manifest.root.meta == {"ops": operations}
+        if roll < 0.06:
+            # A restart: a new process opens the volume and takes over.
+            reopened = Manifest.open(store, "vol", leaf_cache=2)
+            check_equal(reopened, model)
+            reopened.take_ownership(f"host-a/{operations}")
+            manifest = reopened
+    manifest.commit()
+    history.append((manifest.root, dict(model)))
+    versions = [root.version for root, _ in history]
+    assert versions == sorted(versions) and len(set(versions)) == len(versions)
+    check_equal(Manifest.open(store, "vol"), model)
+
+    # Point in time: every committed root, read alone, is the model as of then.
+    live_nodes = node_keys(store)
+    for n, (root, snapshot) in enumerate(history):
+        view = Manifest.at(store, root.encode())
+        check_equal(view, snapshot)
+        if n % 4:
+            continue
+        reachable = reachable_keys(store, root)
+        nodes = {k for k in reachable if k.startswith("nodes/")}
+        assert nodes <= live_nodes
+        packs = {k for k in reachable if k.startswith("packs/")}
+        assert packs == {"packs/" + loc_.pack_key for loc_ in snapshot.values()}
+
+
+def test_empty_leaves_and_inners_disappear(store: LocalDirStore) -> None:
+    manifest = small(store)
+    manifest.apply({lba: loc(0, lba % 64) for lba in range(100, 140)})
+    manifest.commit()
+    assert any(manifest.root.children)
+    manifest.apply(dict.fromkeys(range(100, 140)))
+    manifest.commit()
+    assert manifest.root.children == (None,) * 4
+    assert reachable_keys(store, manifest.root) == set()
+    assert list(manifest.items()) == []
+    # Zeroing blocks that were never written creates nothing at all.
+    before = node_keys(store)
+    manifest.apply(dict.fromkeys(range(0, 2000, 7)))
+    assert not manifest.dirty
+    manifest.commit()
+    assert node_keys(store) == before
+    assert manifest.stats is not None and manifest.stats.nodes_written == 0
+
+
+def test_unchanged_content_rewrites_nothing_but_the_root(store: LocalDirStore) -> None:
+    manifest = small(store)
+    changes = {lba: loc(1, lba % 64) for lba in range(0, 2000, 3)}
+    manifest.apply(changes)
+    manifest.commit()
+    manifest.apply(changes)  # the same locations again
+    manifest.commit()
+    stats = manifest.stats
+    assert stats is not None
+    assert stats.nodes_written == 0 and stats.bytes_put == stats.root_bytes
+
+
+def test_real_packs_end_to_end(store: LocalDirStore) -> None:
+    """Packs written by PackWriter, located through the manifest, read back."""
+    from glide import pack
+
+    rng = random.Random(5)
+    manifest = Manifest.create(store, "real", 64 * BS, writer="w")
+    data: dict[int, bytes] = {}
+    for _ in range(3):
+        writer = PackWriter()
+        lbas = rng.sample(range(64), 20)
+        numbers = {}
+        for lba in lbas:
+            data[lba] = rng.randbytes(BS) if rng.random() < 0.5 else bytes([lba + 1]) * BS
+            numbers[lba] = writer.add(data[lba])
+        finished = writer.finish()
+        store.put(finished.object_key, finished.data)
+        manifest.apply({lba: Location.in_pack(finished, n) for lba, n in numbers.items()})
+        manifest.commit()
+    reader = Manifest.open(store, "real")
+    indexes: dict[str, pack.PackIndex] = {}
+    for lba in range(64):
+        where = reader.lookup(lba)
+        if where is None:
+            assert lba not in data
+            continue
+        index = indexes.get(where.pack_key)
+        if index is None:
+            index = indexes[where.pack_key] = pack.read_index(
+                store, where.pack_key, where.index_offset, where.index_length)
+        assert pack.read_block(store, where.pack_key, index, where.entry) == data[lba]
+
+
+# --- validation of what callers pass ------------------------------------------------
+
+
+def test_bad_changes_are_refused_and_nothing_is_applied(store: LocalDirStore) -> None:
+    manifest = small(store)
+    good = loc(0, 1)
+    bad_cases = [
+        {2000: good}, {-1: good}, {True: good}, {"1": good},
+        {1: Location("XY" * 16, good.index_offset, good.index_length, 0)},
+        {1: Location(good.pack_key, good.index_offset, 33, 0)},
+        {1: Location(good.pack_key, 3, good.index_length, 0)},
+        {1: Location(good.pack_key, good.index_offset, good.index_length, 64)},
+        {1: Location(good.pack_key, good.index_offset, good.index_length, -1)},
+        {1: (good.pack_key, good.index_offset, good.index_length, 0)},
+        {1: good, 2: Location(good.pack_key, good.index_offset + 1, good.index_length, 0)},
+    ]
+    for changes in bad_cases:
+        with pytest.raises(ValueError):
+            manifest.apply({5: loc(3, 3), **changes})  # type: ignore[dict-item]
+        assert manifest.lookup(5) is None
+        assert not manifest.dirty
+    for lba in (2000, -1, 1.0):
+        with pytest.raises(ValueError):
+            manifest.lookup(lba)  # type: ignore[arg-type]
+
+
+def test_create_open_and_ownership_rules(store: LocalDirStore) -> None:
+    small(store)
+    with pytest.raises(VolumeExists):
+        small(store, writer="host-b/1")
+    # The same writer creating the same volume again is idempotent: its
+    # bytes are the root, exactly as after a lost reply.
+    assert small(store).version == 1
+    with pytest.raises(NotFound, match="no manifest root"):
+        Manifest.open(store, "missing")
+    for bad in ({"blocks": 0}, {"leaf_span": 0}, {"inner_fanout": 1}, {"writer": ""}):
+        with pytest.raises(ValueError):
+            small(store, name="other", **bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        Manifest.create(store, "odd", 4097, writer="w")
+    with pytest.raises(ValueError):
+        Manifest.create(store, "a/b", 4096, writer="w")
+    opened = Manifest.open(store, "vol")
+    opened.apply({1: loc(0, 0)})
+    with pytest.raises(NotOwner, match="take_ownership"):
+        opened.commit()
+    with pytest.raises(RuntimeError, match="uncommitted"):
+        opened.take_ownership("w2")
+    view = Manifest.at(store, Manifest.open(store, "vol").root)
+    with pytest.raises(NotOwner):
+        view.apply({1: loc(0, 0)})
+    with pytest.raises(NotOwner):
+        view.take_ownership("w3")
+
+
+# --- fencing and ambiguous root writes ------------------------------------------------
+
+
+def test_second_writer_fences_the_first(store: LocalDirStore) -> None:
+    a = small(store, writer="host-a/1")
+    a.apply({1: loc(0, 1)})
+    a.commit()
+    b = Manifest.open(store, "vol")
+    b.take_ownership("host-b/7")
+    assert (b.root.epoch, b.root.writer) == (a.root.epoch + 1, "host-b/7")
+    root_bytes = store.get("volumes/vol/root")
+    a.apply({2: loc(0, 2)})
+    with pytest.raises(Fenced, match="host-b/7") as info:
+        a.commit()
+    assert info.value.current is not None and info.value.current.writer == "host-b/7"
+    assert store.get("volumes/vol/root") == root_bytes  # nothing overwritten
+    assert not a.owner
+    with pytest.raises(Fenced):
+        a.commit()
+    with pytest.raises(Fenced):
+        a.apply({3: loc(0, 3)})
+    b.apply({4: loc(0, 4)})
+    b.commit()
+    fresh = Manifest.open(store, "vol")
+    assert fresh.lookup(1) == loc(0, 1) and fresh.lookup(2) is None
+    assert fresh.lookup(4) == loc(0, 4)
+
+
+def test_take_ownership_races_a_committing_writer(store: LocalDirStore) -> None:
+    a = small(store, writer="a")
+    b = Manifest.open(store, "vol")  # reads version 1
+    a.apply({1: loc(0, 1)})
+    a.commit()  # version 2: b's view is stale now
+    b.take_ownership("b")  # re-reads and still wins
+    assert b.root.writer == "b" and b.root.version == 3
+    assert b.lookup(1) == loc(0, 1)
+    a.apply({1: loc(0, 2)})
+    with pytest.raises(Fenced):
+        a.commit()
+
+
+def first_commit_faulty(store: LocalDirStore, schedule: dict) -> tuple[Manifest, FaultyStore]:
+    manifest = Manifest.create(store, "vol", 64 * BS, writer="w")
+    manifest.apply({3: loc(0, 3)})
+    # One leaf and one inner node are PUT first, so the root is PUT #2.
+    return manifest, FaultyStore(store, FaultPlan(schedule=schedule))
+
+
+def test_lost_reply_on_root_put_is_recognised(store: LocalDirStore) -> None:
+    manifest, faulty = first_commit_faulty(store, {("put", 2): Fault(FaultKind.LOST_REPLY)})
+    etag = manifest.commit(faulty)
+    lost = faulty.plan.injected(FaultKind.LOST_REPLY)
+    assert [e.key for e in lost] == ["volumes/vol/root"]
+    assert etag == store.head("volumes/vol/root").etag
+    assert manifest.version == 2 and not manifest.dirty
+    manifest.apply({4: loc(0, 4)})
+    manifest.commit()
+    fresh = Manifest.open(store, "vol")
+    assert (fresh.lookup(3), fresh.lookup(4), fresh.version) == (loc(0, 3), loc(0, 4), 3)
+
+
+@pytest.mark.parametrize("kind", [FaultKind.ERROR, FaultKind.CONFLICT])
+def test_root_put_that_did_not_land_is_retried(store: LocalDirStore, kind: FaultKind) -> None:
+    manifest, faulty = first_commit_faulty(store, {("put", 2): Fault(kind)})
+    manifest.commit(faulty)
+    assert faulty.plan.injected(kind)[0].key == "volumes/vol/root"
+    assert Manifest.open(store, "vol").lookup(3) == loc(0, 3)
+
+
+def test_corrupt_reread_after_lost_reply_is_not_taken_for_another_writer(
+        store: LocalDirStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mf, "ROOT_BACKOFF", 0.001)
+    manifest, faulty = first_commit_faulty(store, {("put", 2): Fault(FaultKind.LOST_REPLY),
+                                                   ("get", 0): Fault(FaultKind.CORRUPT)})
+    manifest.commit(faulty)
+    assert faulty.plan.injected(FaultKind.CORRUPT)[0].key == "volumes/vol/root"
+    assert manifest.version == 2 and Manifest.open(store, "vol").lookup(3) == loc(0, 3)
+
+
+def test_unknown_outcome_is_settled_by_the_next_commit(store: LocalDirStore,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mf, "ROOT_BACKOFF", 0.001)
+    # The root PUT lands but its reply is lost, and every re-read fails.
+    schedule = {("put", 2): Fault(FaultKind.LOST_REPLY)}
+    schedule.update({("get", n): Fault(FaultKind.ERROR) for n in range(20)})
+    manifest, faulty = first_commit_faulty(store, schedule)
+    with pytest.raises(StoreUnavailable):
+        manifest.commit(faulty)
+    assert manifest.dirty  # nothing is considered durable yet
+    manifest.apply({5: loc(0, 5), 3: loc(0, 30)})
+    # The next commit's CAS fails (the root moved), the re-read shows our
+    # earlier bytes, so that commit is adopted and the new one goes on top.
+    manifest.commit()
+    assert manifest.version == 3 and not manifest.dirty
+    fresh = Manifest.open(store, "vol")
+    assert (fresh.lookup(3), fresh.lookup(5)) == (loc(0, 30), loc(0, 5))
+
+
+def test_unknown_outcome_that_did_not_land(store: LocalDirStore,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mf, "ROOT_BACKOFF", 0.001)
+    schedule = {("put", n): Fault(FaultKind.ERROR) for n in range(2, 20)}
+    manifest, faulty = first_commit_faulty(store, schedule)
+    with pytest.raises(StoreUnavailable):
+        manifest.commit(faulty)
+    manifest.commit()
+    assert manifest.version == 2
+    assert Manifest.open(store, "vol").lookup(3) == loc(0, 3)
+
+
+def test_failed_node_put_changes_nothing(store: LocalDirStore) -> None:
+    manifest, faulty = first_commit_faulty(store, {("put", 0): Fault(FaultKind.ERROR)})
+    root_before = store.get("volumes/vol/root")
+    with pytest.raises(StoreUnavailable):
+        manifest.commit(faulty)
+    assert store.get("volumes/vol/root") == root_before
+    assert manifest.dirty and manifest.lookup(3) == loc(0, 3)
+    manifest.commit(faulty)
+    assert Manifest.open(store, "vol").lookup(3) == loc(0, 3)
+
+
+# --- damage in the store ------------------------------------------------------------
+
+
+def test_damaged_or_missing_nodes_are_detected(store: LocalDirStore) -> None:
+    manifest = small(store)
+    model = {lba: loc(lba % 5, lba % 64) for lba in range(0, 2000, 11)}
+    manifest.apply(model)
+    manifest.commit()
+    keys = sorted(k for k in reachable_keys(store, manifest.root) if k.startswith("nodes/"))
+    assert len(keys) > 50
+    rng = random.Random(2)
+    for key in rng.sample(keys, 15):
+        good = store.get(key)
+        damaged = bytearray(good)
+        damaged[rng.randrange(len(damaged))] ^= 0x40
+        store.put(key, bytes(damaged))
+        with pytest.raises(FormatError, match="hash to its key"):
+            check_equal(Manifest.open(store, "vol"), model)
+        with pytest.raises(FormatError):
+            reachable_keys(store, manifest.root)
+        store.delete(key)
+        with pytest.raises(MissingNode, match=key):
+            check_equal(Manifest.open(store, "vol"), model)
+        store.put(key, good)
+    check_equal(Manifest.open(store, "vol"), model)
+
+
+def test_corrupt_gets_surface_as_format_errors(store: LocalDirStore) -> None:
+    manifest = small(store)
+    manifest.apply({lba: loc(0, lba % 64) for lba in range(0, 2000, 50)})
+    manifest.commit()
+    faulty = FaultyStore(store, FaultPlan(seed=3, rates={"get": {FaultKind.CORRUPT: 0.5}}))
+    with pytest.raises(FormatError):
+        for _ in range(5):
+            reader = Manifest.open(faulty, "vol")
+            list(reader.items())
+
+
+# --- concurrency ----------------------------------------------------------------------
+
+
+def test_lookups_during_applies_and_commits(store: LocalDirStore) -> None:
+    manifest = small(store, blocks=512, leaf_cache=4)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def reader(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            while not stop.is_set():
+                lba = rng.randrange(512)
+                where = manifest.lookup(lba)
+                # Every location ever written for block b has entry b % 64 and
+                # pack b % 7 + round*7: a torn read would break that.
+                if where is not None:
+                    assert where.entry == lba % 64
+                    assert where.pack_key in keys_for[lba % 7]
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    keys_for = {r: {fake_pack(r + 7 * n)[0] for n in range(40)} for r in range(7)}
+    threads = [threading.Thread(target=reader, args=(s,)) for s in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        rng = random.Random(9)
+        for round_no in range(24):
+            lbas = rng.sample(range(512), 60)
+            manifest.apply({b: None if rng.random() < 0.2 else loc(b % 7 + 7 * round_no, b % 64)
+                            for b in lbas})
+            if round_no % 3:
+                manifest.commit()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors, errors[0]
+
+
+# --- cost ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_commit_cost_is_proportional_to_the_change(store: LocalDirStore) -> None:
+    result = bench_commit_cost(store, volume_bytes=8 * GiB)
+    print(f"\ncommit cost on a fully written 8 GiB volume "
+          f"(fill {result['fill_seconds']} s):")
+    for row in result["flushes"]:
+        print(f"  {row['blocks']:>6} blocks: {row['bytes_put']:>9} bytes "
+              f"({row['leaves_written']} leaves, {row['inners_written']} inner, root "
+              f"{row['root_bytes']}) in {row['seconds']} s; 1 TiB estimate "
+              f"{row['est_1tib_bytes']} bytes")
+    one, hundred, many = result["flushes"]
+    assert (one["leaves_written"], one["inners_written"]) == (1, 1)
+    assert one["bytes_put"] < 256 * KiB
+    assert one["est_1tib_bytes"] < 256 * KiB
+    assert hundred["leaves_written"] <= 100 and hundred["bytes_put"] < 100 * 256 * KiB
+    # 10k random blocks touch every one of the 512 leaves: still bounded by
+    # what changed (here, all leaves), never by rewriting the data.
+    assert many["leaves_written"] <= 512
+
+
+def test_worst_case_leaf_size() -> None:
+    """A leaf aged by random writes: every block in a different pack."""
+    rng = random.Random(0)
+    leaf = leaf_with(4096, 4096, {o: loc(o, rng.randrange(4096), 4096) for o in range(4096)})
+    size = len(mf.encode_node(mf.KIND_LEAF, leaf.encode()))
+    print(f"\nworst-case leaf node: {size} bytes")
+    assert size < 128 * KiB
+
+
+# --- the same on S3 (moto), if the store tests' fixtures can be borrowed ---------------
+
+
+def _s3_fixtures():  # noqa: ANN202 - module or None
+    path = Path(__file__).resolve().parents[1] / "store" / "conftest.py"
+    try:
+        spec = importlib.util.spec_from_file_location("_glide_store_fixtures", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    except Exception:  # noqa: BLE001 - the S3 variant is optional
+        return None
+
+
+_fixtures = _s3_fixtures()
+if _fixtures is not None:
+    moto_endpoint = _fixtures.moto_endpoint
+    s3_store_factory = _fixtures.s3_store_factory
+
+    def test_s3_commit_fencing_and_lost_reply(s3_store_factory) -> None:
+        store = s3_store_factory()
+        a = small(store, blocks=256, writer="a")
+        a.apply({lba: loc(0, lba % 64) for lba in range(0, 256, 3)})
+        faulty = FaultyStore(store, FaultPlan(schedule={}))
+        a.commit(faulty)
+        puts = sum(1 for e in faulty.plan.log if e.operation == "put")
+        a.apply({1: loc(1, 1)})
+        # This commit rewrites one leaf and its two ancestors, then the root.
+        lossy = FaultyStore(store, FaultPlan(schedule={("put", 3): Fault(FaultKind.LOST_REPLY)}))
+        a.commit(lossy)
+        assert [e.key for e in lossy.plan.injected()] == ["volumes/vol/root"]
+        assert puts > 4
+        b = Manifest.open(s3_store_factory(store.prefix), "vol")
+        b.take_ownership("b")
+        assert b.lookup(1) == loc(1, 1)
+        a.apply({2: loc(1, 2)})
+        with pytest.raises(Fenced, match="'b'"):
+            a.commit()
+        assert Manifest.open(store, "vol").lookup(2) is None
