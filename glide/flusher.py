@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -88,6 +89,33 @@ class Flusher:
         dirty = sorted(vol.dirty_upto(cut))
         if not dirty:
             return None
+
+        def as_of_cut(lba: int) -> bytes:
+            return vol.read_block_as_of(lba, cut)
+
+        stats = self._commit(dirty, as_of_cut, cut, t0)
+        vol.checkpoint(cut)
+        return stats
+
+    def adopt_local(self) -> FlushStats | None:
+        """Uploads blocks that only the local cache holds: data written before
+        the volume had a store. Idempotent (content-addressed packs, and a
+        crash before the REMOTE bits are persisted just repeats it)."""
+        t0 = time.monotonic()
+        local = self.volume.local_only_blocks()
+        if not local:
+            return None
+        vol = self.volume
+
+        def current(lba: int) -> bytes:
+            return vol.read(lba * BLOCK, BLOCK)
+
+        return self._commit([(lba, _native.WAL_KIND_DATA) for lba in local], current,
+                            self.manifest.root.cut_seq, t0)
+
+    def _commit(self, blocks: list[tuple[int, int]], read: Callable[[int], bytes], cut: int,
+                t0: float) -> FlushStats:
+        vol = self.volume
         changes: dict[int, Location | None] = {}
         stored: list[int] = []
         packs = pack_bytes = 0
@@ -109,11 +137,11 @@ class Flusher:
                 pack_bytes += len(fp.data)
                 writer, pending = PackWriter(), []
 
-            for lba, kind in dirty:
+            for lba, kind in blocks:
                 if kind != _native.WAL_KIND_DATA:
                     changes[lba] = None  # zeros are never stored
                     continue
-                data = vol.read_block_as_of(lba, cut)
+                data = read(lba)
                 if data == ZERO_BLOCK:
                     changes[lba] = None
                     continue
@@ -134,8 +162,7 @@ class Flusher:
             vol.set_remote(first, count, True)
         for first, count in _runs(zeroed):
             vol.set_remote(first, count, False)
-        vol.checkpoint(cut)
-        stats = FlushStats(cut, len(dirty), len(stored), len(zeroed), packs, pack_bytes,
+        stats = FlushStats(cut, len(blocks), len(stored), len(zeroed), packs, pack_bytes,
                            manifest_bytes, time.monotonic() - t0)
         log.debug("flushed cut=%d blocks=%d stored=%d packs=%d pack_bytes=%d manifest_bytes=%d",
                   cut, stats.blocks, stats.stored, packs, pack_bytes, manifest_bytes)

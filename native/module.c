@@ -404,6 +404,22 @@ static PyObject *Volume_dirty_upto(VolumeObject *self, PyObject *args) {
     return out;
 }
 
+static PyObject *Volume_local_only_blocks(VolumeObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (check_open(self)) return NULL;
+    struct dirty_list d = {0};
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = volume_local_only(self->v, dirty_collect, &d);
+    Py_END_ALLOW_THREADS
+    PyObject *out = rc ? NULL : PyList_New((Py_ssize_t)d.n);
+    for (size_t i = 0; out && i < d.n; i++)
+        PyList_SET_ITEM(out, (Py_ssize_t)i, PyLong_FromUnsignedLongLong(d.lba[i]));
+    free(d.lba);
+    free(d.kind);
+    if (rc) return raise_errno(rc, "local_only_blocks");
+    return out;
+}
+
 static PyObject *Volume_stats(VolumeObject *self, PyObject *Py_UNUSED(ignored)) {
     if (check_open(self)) return NULL;
     struct volume *v = self->v;
@@ -474,6 +490,8 @@ static PyMethodDef Volume_methods[] = {
     {"flush_cut", (PyCFunction)Volume_flush_cut, METH_NOARGS, "Seal the WAL for a flush; returns the cut seq"},
     {"dirty_upto", (PyCFunction)Volume_dirty_upto, METH_VARARGS,
      "dirty_upto(cut) -> [(lba, kind)]: blocks whose newest version <= cut"},
+    {"local_only_blocks", (PyCFunction)Volume_local_only_blocks, METH_NOARGS,
+     "Blocks held only locally (written before the volume had a store)"},
     {"attach_ublk", (PyCFunction)(void (*)(void))Volume_attach_ublk, METH_VARARGS | METH_KEYWORDS,
      "attach_ublk(dev_id=-1, queues=1, depth=64, max_io=524288) -> (dev_id, recovered)"},
     {"detach_ublk", (PyCFunction)Volume_detach_ublk, METH_VARARGS,

@@ -1007,3 +1007,15 @@ int volume_dirty_upto(struct volume *v, uint64_t cut, dirty_fn fn, void *ctx) {
     pthread_mutex_unlock(&v->idx_mu);
     return rc;
 }
+
+int volume_local_only(struct volume *v, dirty_fn fn, void *ctx) {
+    int rc = 0;
+    pthread_mutex_lock(&v->idx_mu);
+    for (uint64_t lba = 0; lba < v->nblocks && !rc; lba++) {
+        uint8_t st = block_index_state(v->bi, lba);
+        if (!(st & (BLOCK_DIRTY | BLOCK_REMOTE)) && (st & BLOCK_BASE_MASK) == BLOCK_CLEAN)
+            rc = fn(ctx, lba, WAL_KIND_DATA);
+    }
+    pthread_mutex_unlock(&v->idx_mu);
+    return rc;
+}

@@ -148,5 +148,8 @@ int volume_evict(struct volume *v, uint64_t lba, uint64_t n, uint64_t *evicted);
 int volume_flush_cut(struct volume *v, uint64_t *cut);
 typedef int (*dirty_fn)(void *ctx, uint64_t lba, uint8_t kind);
 int volume_dirty_upto(struct volume *v, uint64_t cut, dirty_fn fn, void *ctx);
+/* Blocks held only locally (CLEAN, not REMOTE, not DIRTY): data written before
+ * the volume had a store, which the first flush must adopt. */
+int volume_local_only(struct volume *v, dirty_fn fn, void *ctx);
 
 #endif

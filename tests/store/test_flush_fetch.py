@@ -194,3 +194,27 @@ def test_evicted_blocks_come_back_from_the_store(store: ObjectStore,
         f.stop()
     assert v.stats()["installs"] == NBLOCKS // 2
     v.close()
+
+
+def test_adopting_data_written_before_the_store(store: ObjectStore, writer_manifest: Manifest,
+                                                tmp_path: Path) -> None:
+    """Blocks checkpointed locally (no store yet) are uploaded once by
+    adopt_local; afterwards the store alone can serve them."""
+    v = new_volume(tmp_path / "a")
+    v.write(0, os.urandom(32 * BS))
+    v.checkpoint()  # local only: CLEAN, not REMOTE
+    want = image(v)
+    fl = Flusher(v, writer_manifest, store)
+    stats = fl.adopt_local()
+    assert stats is not None and stats.stored == 32
+    assert fl.adopt_local() is None  # now REMOTE: nothing left to adopt
+    reader = Manifest.open(store, "vol0")
+    cold = cold_volume(tmp_path / "b", reader)
+    f = Fetcher(cold, reader, store)
+    f.start()
+    try:
+        assert image(cold) == want
+    finally:
+        f.stop()
+    cold.close()
+    v.close()
