@@ -13,6 +13,10 @@ bash script inside a throwaway VM instead (testing.md, "The kernel tier's VM"):
   the guest unchanged, and nothing the guest does reaches the host's disk.
 - A second, writable 9p share (a fresh directory per run) carries the script in and its
   output and exit status out. The serial console goes to a file for kernel messages.
+- Optionally, raw image files on the host become virtio-blk disks (/dev/vda, /dev/vdb...),
+  and a "power cut" SIGKILLs QEMU at a chosen moment (see run_in_vm): the image then holds
+  exactly what the guest had written to its disk, while the results share, which goes
+  straight to the host, keeps everything the guest wrote to it before the cut.
 - Always TCG: /dev/kvm exists on these machines but nested KVM fails with emulation errors.
 
 Assets are cached under <repo>/.cache/vm/<kernel-version>/ (gitignored) and rebuilt only
@@ -21,6 +25,7 @@ when missing, so only the first run pays for the download (~110 MB) and unpackin
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import hashlib
@@ -32,8 +37,9 @@ import signal
 import stat
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -50,9 +56,10 @@ BUSYBOX_PACKAGE = "busybox-static"
 # module's own modinfo, because the .deb ships no modules.dep: depmod runs at install).
 # crc32c_generic is loaded explicitly because ext4 asks the crypto API for "crc32c" via
 # request_module, and the guest has no modprobe that knows these modules.
+# virtio_blk: the disks run_in_vm(disks=...) attaches (harmless when there are none).
 BOOT_MODULES = (
     "netfs", "9pnet", "9pnet_virtio", "9p", "overlay",
-    "crc32c_generic", "ext4", "ublk_drv", "nbd",
+    "crc32c_generic", "ext4", "ublk_drv", "nbd", "virtio_blk",
 )
 
 # Host packages the VM needs: QEMU itself, and the real clients the guest scripts run
@@ -83,12 +90,22 @@ class VmResult:
     console: str  # the serial console: kernel messages and /init's own lines
     duration: float  # seconds from starting QEMU to its exit
     timed_out: bool
+    # Power-cut runs (run_in_vm(power_cut=...)): seconds from starting QEMU to the moment
+    # the cut was armed (its marker appeared) and to the SIGKILL; None if it never came.
+    power_cut_armed_at: float | None = None
+    power_cut_at: float | None = None
+
+    @property
+    def power_cut(self) -> bool:
+        """Whether the run ended by the power cut (QEMU SIGKILLed by the host)."""
+        return self.power_cut_at is not None
 
     def describe(self, tail: int = 12000) -> str:
         """A failure message: exit status, the script's output and the console's tail."""
+        cut = "" if self.power_cut_at is None else f" power_cut_at={self.power_cut_at:.2f}s"
         return (
             f"VM script returncode={self.returncode} timed_out={self.timed_out} "
-            f"duration={self.duration:.1f}s\n"
+            f"duration={self.duration:.1f}s{cut}\n"
             f"--- script output (last {tail} chars) ---\n{self.output[-tail:]}\n"
             f"--- console (last 6000 chars) ---\n{self.console[-6000:]}"
         )
@@ -375,12 +392,31 @@ def _cpio_entry(
 # --------------------------------------------------------------------------- running
 
 
+@dataclass(frozen=True)
+class PowerCut:
+    """When run_in_vm pulls the plug: SIGKILL QEMU `delay` seconds after the file `marker`
+    appears in the results share (the guest script creates it, e.g. once its load is
+    running), or `delay` seconds after QEMU started if `marker` is None."""
+
+    delay: float
+    marker: str | None = None
+
+
+def _qemu_opt(value: str) -> str:
+    """A value inside a QEMU -drive/-virtfs option list: commas are doubled."""
+    return value.replace(",", ",,")
+
+
 def run_in_vm(
     script: str,
     timeout: float,
     memory_mib: int = 2048,
     cpus: int = 2,
     assets: VmAssets | None = None,
+    *,
+    disks: Sequence[Path] = (),
+    power_cut: PowerCut | None = None,
+    results_dir: Path | None = None,
 ) -> VmResult:
     """Boot a VM, run `script` with bash as root in /work/main inside it, power off.
 
@@ -388,13 +424,38 @@ def run_in_vm(
     the VM), with proc, sys, devtmpfs, /tmp and /run mounted, loopback up, and the boot
     modules loaded (guest.sh's `kmod` reloads one with other parameters). QEMU is killed
     if the whole run exceeds `timeout` seconds.
+
+    disks: raw image files on the host, attached in order as /dev/vda, /dev/vdb... with
+    virtio-blk and cache=writeback: QEMU writes through the host's page cache and tells
+    the guest the disk has a volatile write cache (so the guest sends FLUSH), and a write
+    counts as done for the guest once QEMU's pwrite returned. Killing QEMU therefore keeps
+    exactly what the guest had written to its disk and loses what it had not: its own
+    page cache and the requests still in flight. That is a power cut of the guest (not of
+    a disk with a volatile cache: completed but unflushed writes survive it).
+
+    power_cut: SIGKILL QEMU at that moment (see PowerCut). The result then has
+    returncode None (unless the script finished first) and power_cut_at set.
+
+    results_dir: use this directory (created if missing, must be empty) as the results
+    share and leave it behind, so the caller can read what the guest wrote there (files
+    the script wrote to GUEST_RESULTS reach the host as each write returns: 9p without a
+    cache mode is write-through). By default it is a temporary directory removed after.
     """
     assets = assets or ensure_assets()
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         raise VmError("qemu-system-x86_64 is not installed (Debian package qemu-system-x86)")
-    with tempfile.TemporaryDirectory(prefix="glide-vm-") as tmp:
-        results = Path(tmp)
+    for disk in disks:
+        if not Path(disk).is_file():
+            raise VmError(f"disk image {disk} is not a file")
+    with contextlib.ExitStack() as stack:
+        if results_dir is None:
+            results = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="glide-vm-")))
+        else:
+            results = results_dir
+            results.mkdir(parents=True, exist_ok=True)
+            if any(results.iterdir()):
+                raise VmError(f"results directory {results} is not empty")
         (results / "script.sh").write_text(script)
         console_path = results / "console.log"
         cmd = [
@@ -411,12 +472,29 @@ def run_in_vm(
             # numbers from different devices can collide in the guest.
             "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,"
             "multidevs=remap",
-            "-virtfs", f"local,path={results},mount_tag=results,security_model=none",
+            "-virtfs", f"local,path={_qemu_opt(str(results))},mount_tag=results,"
+            "security_model=none",
         ]
+        for disk in disks:
+            # aio=threads: each guest write is a pwrite from QEMU's thread pool, completed
+            # to the guest after it returned, i.e. once the data is in the host's page
+            # cache, where SIGKILL of QEMU cannot undo it.
+            cmd += ["-drive", f"file={_qemu_opt(str(disk))},format=raw,if=virtio,"
+                    "cache=writeback,aio=threads"]
         start = time.monotonic()
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True,
                                 preexec_fn=_die_with_parent)
+        cut_times: dict[str, float] = {}
+        stop = threading.Event()
+        watcher = None
+        if power_cut is not None:
+            watcher = threading.Thread(
+                target=_power_cut_watch,
+                args=(proc, results, power_cut, start, stop, cut_times),
+                name="vm-power-cut", daemon=True,
+            )
+            watcher.start()
         timed_out = False
         try:
             qemu_out, _ = proc.communicate(timeout=timeout)
@@ -425,11 +503,15 @@ def run_in_vm(
             proc.kill()
             qemu_out, _ = proc.communicate()
         finally:
+            stop.set()
             # Also on KeyboardInterrupt or pytest-timeout's exception: never leave a VM.
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+            if watcher is not None:
+                watcher.join()
         duration = time.monotonic() - start
+        cut_at = cut_times.get("cut")
 
         status_path = results / "status"
         returncode = int(status_path.read_text()) if status_path.exists() else None
@@ -438,11 +520,40 @@ def run_in_vm(
         console = console_path.read_text(errors="replace") if console_path.exists() else ""
         if boot_error := _read(results / "boot-error"):
             console += f"\n[boot error] {boot_error}"
-        if proc.returncode != 0 and not timed_out:
+        if cut_at is not None:
+            console += f"\n[power cut] the host SIGKILLed QEMU at {cut_at:.2f}s"
+        elif proc.returncode != 0 and not timed_out:
             console += f"\n[qemu exited {proc.returncode}] {qemu_out}"
-        elif qemu_out.strip():
+        if qemu_out.strip() and (cut_at is not None or proc.returncode == 0 or timed_out):
             console += f"\n[qemu] {qemu_out}"
-        return VmResult(returncode, output, console, duration, timed_out)
+        return VmResult(returncode, output, console, duration, timed_out,
+                        power_cut_armed_at=cut_times.get("armed"), power_cut_at=cut_at)
+
+
+def _power_cut_watch(
+    proc: subprocess.Popen[str],
+    results: Path,
+    cut: PowerCut,
+    start: float,
+    stop: threading.Event,
+    times: dict[str, float],
+) -> None:
+    """run_in_vm's power-cut thread: wait for the marker, then the delay, then SIGKILL.
+
+    Returns without killing if `stop` is set first (QEMU exited, or the run is over)."""
+    armed = start
+    if cut.marker is not None:
+        marker = results / cut.marker
+        while not marker.exists():
+            if stop.wait(0.01):
+                return
+        armed = time.monotonic()
+        times["armed"] = armed - start
+    if stop.wait(max(0.0, armed + cut.delay - time.monotonic())):
+        return
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+        times["cut"] = time.monotonic() - start
 
 
 def _die_with_parent() -> None:
