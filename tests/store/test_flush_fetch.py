@@ -43,6 +43,21 @@ def image(v: _native.Volume) -> bytes:
     return b"".join(v.read(off, MiB) for off in range(0, SIZE, MiB))
 
 
+def cold_image(store: ObjectStore, manifest: Manifest, path: Path) -> tuple[bytes, dict]:
+    """Everything a fresh volume fed only by this manifest reads back, and its
+    stats: the store round trip's oracle."""
+    cold = cold_volume(path, manifest)
+    f = Fetcher(cold, manifest, store)
+    f.start()
+    try:
+        data = image(cold)
+    finally:
+        f.stop()
+    stats = cold.stats()
+    cold.close()
+    return data, stats
+
+
 @pytest.fixture
 def writer_manifest(store: ObjectStore) -> Manifest:
     return Manifest.create(store, "vol0", SIZE, writer="test-writer-1")
@@ -66,16 +81,8 @@ def test_round_trip_through_the_store(store: ObjectStore, writer_manifest: Manif
     assert v.stats()["dirty_blocks"] == 0  # checkpointed after the commit
     assert Flusher(v, writer_manifest, store).flush_once() is None  # nothing left
 
-    reader = Manifest.open(store, "vol0")
-    cold = cold_volume(tmp_path / "b", reader)
-    f = Fetcher(cold, reader, store)
-    f.start()
-    try:
-        assert image(cold) == want
-        assert cold.stats()["installs"] > 0
-    finally:
-        f.stop()
-    cold.close()
+    data, stats = cold_image(store, Manifest.open(store, "vol0"), tmp_path / "b")
+    assert data == want and stats["installs"] > 0
     v.close()
 
 
@@ -143,15 +150,7 @@ def test_failed_upload_or_commit_changes_nothing(store: ObjectStore, writer_mani
     # the store recovers: the retry commits everything
     stats = Flusher(v, writer_manifest, store).flush_once()
     assert stats is not None and stats.stored == 64
-    reader = Manifest.open(store, "vol0")
-    cold = cold_volume(tmp_path / "b", reader)
-    f = Fetcher(cold, reader, store)
-    f.start()
-    try:
-        assert image(cold) == want
-    finally:
-        f.stop()
-    cold.close()
+    assert cold_image(store, Manifest.open(store, "vol0"), tmp_path / "b")[0] == want
     v.close()
 
 
@@ -208,13 +207,5 @@ def test_adopting_data_written_before_the_store(store: ObjectStore, writer_manif
     stats = fl.adopt_local()
     assert stats is not None and stats.stored == 32
     assert fl.adopt_local() is None  # now REMOTE: nothing left to adopt
-    reader = Manifest.open(store, "vol0")
-    cold = cold_volume(tmp_path / "b", reader)
-    f = Fetcher(cold, reader, store)
-    f.start()
-    try:
-        assert image(cold) == want
-    finally:
-        f.stop()
-    cold.close()
+    assert cold_image(store, Manifest.open(store, "vol0"), tmp_path / "b")[0] == want
     v.close()
