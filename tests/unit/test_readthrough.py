@@ -139,10 +139,11 @@ def test_eviction_never_serves_a_hole(tmp_path: Path) -> None:
     v.checkpoint()
     v.set_remote(0, n)  # as if a flush had committed them
     stop = threading.Event()
+    stop_fetcher = threading.Event()  # only after the readers: they may be parked
     errors: list[str] = []
 
     def fetcher() -> None:
-        while not stop.is_set():
+        while not stop_fetcher.is_set():
             select.select([v.miss_fd()], [], [], 0.05)
             for lba in v.take_misses():
                 v.install(lba, content[lba])
@@ -161,14 +162,19 @@ def test_eviction_never_serves_a_hole(tmp_path: Path) -> None:
         while not stop.is_set():
             v.evict(rng.randrange(n), rng.randrange(1, 8))
 
-    threads = [threading.Thread(target=fetcher), threading.Thread(target=evictor)]
+    fetch_thread = threading.Thread(target=fetcher)
+    threads = [threading.Thread(target=evictor)]
     threads += [threading.Thread(target=reader, args=(s,)) for s in range(3)]
+    fetch_thread.start()
     for t in threads:
         t.start()
     time.sleep(2.0)
     stop.set()
     for t in threads:
         t.join(10)
+    stop_fetcher.set()
+    fetch_thread.join(10)
+    assert not any(t.is_alive() for t in [*threads, fetch_thread]), "a thread did not finish"
     assert not errors, errors[:5]
     st = v.stats()
     assert st["evictions"] > 50 and st["installs"] > 50, st
