@@ -65,3 +65,11 @@ def test_bad_config_is_a_clear_error(tmp_path: Path, text: str, match: str) -> N
     f.write_text(text)
     with pytest.raises(ConfigError, match=match):
         validate(load_file(f))
+
+
+def test_example_config_in_deploy_is_valid() -> None:
+    example = Path(__file__).resolve().parents[2] / "deploy" / "glidefs.toml"
+    cfg = load_file(example)
+    validate(cfg)
+    assert [v.name for v in cfg.volumes] == ["vm1", "db1"]
+    assert cfg.volumes[0].ublk and cfg.volumes[0].ublk_id == 0
