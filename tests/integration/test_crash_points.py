@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from conftest import Daemon
 
 MiB = 1 << 20
+BS = 4096
 
 CHECKPOINT_POINTS = [
     "checkpoint-after-cut",
@@ -67,27 +69,54 @@ def test_crash_inside_checkpoint(daemon_factory: Callable[..., Daemon], point: s
     assert d.stop() == 0
 
 
-def test_crash_while_reusing_a_segment(daemon_factory: Callable[..., Daemon]) -> None:
+def read_volume(d: Daemon, size: int, dest: Path) -> bytes:
+    nbdcopy = shutil.which("nbdcopy")
+    assert nbdcopy, "nbdcopy is not installed; run the README test command"
+    subprocess.run([nbdcopy, d.uri(), str(dest)], check=True, timeout=120)
+    data = dest.read_bytes()
+    assert len(data) == size
+    return data
+
+
+def test_crash_while_reusing_a_segment(daemon_factory: Callable[..., Daemon],
+                                       tmp_path: Path) -> None:
     """Between renaming a retired segment to its new name and writing its new
     header, the file still carries the old header and old records."""
     d = daemon_factory(volumes=[("vol0", 128 * MiB)], extra_args=SMALL_WAL,
                        env={"GLIDE_CRASH_POINT": "wal-after-recycle-rename"})
     # Fill and retire segments, then rotate into a reused one; the write that
-    # reaches the point fails (the daemon is gone). Only flushed writes count.
-    durable: dict[int, int] = {}
+    # reaches the point fails (the daemon is gone).
+    region_mb = 24
+    durable: dict[int, int] = {}  # region -> last flushed pattern
+    in_flight: tuple[int, int] | None = None  # (region, pattern) cut by the crash
     for i in range(12):
         region, pattern = i % 4, 0x10 + i
         try:
-            qemu_io(d.uri(), f"write -P 0x{pattern:x} {region * 24}M 24M", "flush")
+            qemu_io(d.uri(), f"write -P 0x{pattern:x} {region * region_mb}M {region_mb}M",
+                    "flush")
         except AssertionError:
+            in_flight = (region, pattern)
             break
         durable[region] = pattern
     died_at_point(d, "wal-after-recycle-rename")
-    assert len(durable) >= 2, "the crash came before there was flushed data to check"
+    assert in_flight is not None and len(durable) >= 2
     d.env = {}
     d.start()
-    for region, pattern in durable.items():
-        qemu_io(d.uri(), f"read -P 0x{pattern:x} {region * 24}M 24M")
+    image = read_volume(d, 128 * MiB, tmp_path / "image")
+    # Flushed regions hold their pattern exactly. The region whose write the
+    # crash interrupted may hold, block by block, the flushed value or the new
+    # one (never anything else: no torn block, no stale record replayed).
+    for region in range(4):
+        for blk in range(region * region_mb * MiB // BS, (region + 1) * region_mb * MiB // BS):
+            block = image[blk * BS:(blk + 1) * BS]
+            allowed = set()
+            if region in durable:
+                allowed.add(bytes([durable[region]]) * BS)
+            else:
+                allowed.add(bytes(BS))
+            if in_flight and in_flight[0] == region:
+                allowed.add(bytes([in_flight[1]]) * BS)
+            assert block in allowed, f"block {blk} (region {region}) holds {block[:4]!r}"
     qemu_io(d.uri(), "write -P 0x77 100M 4M", "flush")
     d.kill9()
     d.start()
