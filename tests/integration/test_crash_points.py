@@ -30,6 +30,9 @@ CHECKPOINT_POINTS = [
     "checkpoint-after-retire",
 ]
 SMALL_WAL = ["--wal-segment-size", "34M", "--wal-budget", "160M", "--checkpoint-interval", "0.2"]
+# The data must be flushed before the checkpoint (and so the crash) starts:
+# a second leaves a wide margin even on a loaded machine.
+CHECKPOINT_SOON = ["--checkpoint-interval", "1"]
 
 
 def qemu_io(uri: str, *cmds: str) -> str:
@@ -51,7 +54,7 @@ def died_at_point(d: Daemon, point: str) -> None:
 
 @pytest.mark.parametrize("point", CHECKPOINT_POINTS)
 def test_crash_inside_checkpoint(daemon_factory: Callable[..., Daemon], point: str) -> None:
-    d = daemon_factory(volumes=[("vol0", 64 * MiB)], extra_args=SMALL_WAL,
+    d = daemon_factory(volumes=[("vol0", 64 * MiB)], extra_args=CHECKPOINT_SOON,
                        env={"GLIDE_CRASH_POINT": point})
     # flushed data, partly overwritten and trimmed, so the checkpoint has
     # write-back, zeroing and superseded versions to get wrong
