@@ -9,16 +9,19 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from glide import __version__
 from glide.config import (
     Config,
     ConfigError,
+    VolumeConfig,
     ensure_default_volume,
     load_file,
     parse_duration,
     parse_size,
+    parse_store_url,
     parse_volume_spec,
     validate,
 )
@@ -26,13 +29,23 @@ from glide.config import (
 log = logging.getLogger("glide.cli")
 
 
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="TOML config file")
+    p.add_argument("--data-dir", type=Path, help="data directory (WAL, cache, state)")
+    p.add_argument(
+        "--store", metavar="DIR|s3://BUCKET/PREFIX",
+        help="object store: a directory (default <data-dir>/store) or an S3 bucket and prefix",
+    )
+    p.add_argument("--s3-endpoint", metavar="URL", help="S3 endpoint (MinIO, Ceph, R2, ...)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="glidefs", description="glidefs block-device cache")
     p.add_argument("--version", action="version", version=f"glidefs {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the daemon (no arguments: embedded defaults)")
-    s.add_argument("--config", type=Path, help="TOML config file")
-    s.add_argument("--data-dir", type=Path, help="data directory (WAL, cache, state)")
+    _common(s)
     s.add_argument("--nbd-unix", help="NBD Unix socket path (default <data-dir>/nbd.sock)")
     s.add_argument("--nbd-tcp", help="NBD TCP HOST:PORT, or 'none' (default 127.0.0.1:10809)")
     s.add_argument(
@@ -49,15 +62,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--wal-budget", help="WAL bytes before writers wait (default 1GiB)")
     s.add_argument("--wal-segment-size", help="WAL segment size (default 64MiB)")
-    s.add_argument("--checkpoint-interval", help="checkpoint dirty volumes this often (default 5s)")
-    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--flush-interval", help="flush dirty volumes to the store this often (5s)")
+    s.add_argument("--cache-size", help="cache-file bytes per volume before eviction (no limit)")
+
+    vol = sub.add_parser("volume", help="volume operations").add_subparsers(
+        dest="volume_command", required=True)
+    d = vol.add_parser("drain", help="flush everything a volume's cache holds to the store "
+                       "(offline: the daemon must be stopped)")
+    _common(d)
+    d.add_argument("name", help="volume name")
+    d.add_argument("--size", help="volume size, if the config does not name the volume")
+
+    g = sub.add_parser("gc", help="delete store objects no volume reaches")
+    _common(g)
+    g.add_argument("--dry-run", action="store_true", help="report, delete nothing")
+    g.add_argument("--grace", default="1h",
+                   help="keep unreachable objects younger than this (default 1h)")
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
+def _base_config(args: argparse.Namespace) -> Config:
     cfg = load_file(args.config) if args.config else Config()
     if args.data_dir:
         cfg.data_dir = args.data_dir
+    if args.store:
+        parse_store_url(args.store, cfg.store)
+    if args.s3_endpoint:
+        cfg.store.endpoint_url = args.s3_endpoint
+    return cfg
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    cfg = _base_config(args)
     if args.nbd_unix:
         cfg.nbd_unix = args.nbd_unix
     if args.nbd_tcp:
@@ -81,40 +117,104 @@ def config_from_args(args: argparse.Namespace) -> Config:
         cfg.wal_budget = parse_size(args.wal_budget, "--wal-budget")
     if args.wal_segment_size:
         cfg.wal_segment_size = parse_size(args.wal_segment_size, "--wal-segment-size")
-    if args.checkpoint_interval:
-        cfg.checkpoint_interval = parse_duration(args.checkpoint_interval, "--checkpoint-interval")
+    if args.flush_interval:
+        cfg.flush_interval = parse_duration(args.flush_interval, "--flush-interval")
+    if args.cache_size:
+        cfg.cache_size = parse_size(args.cache_size, "--cache-size") or None
     cfg.data_dir = cfg.data_dir.absolute()
     validate(cfg)
     return cfg
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from glide import logs
-    from glide.daemon import Daemon, DataDirInUse
+def _run(what: str, fn: Callable[[], int]) -> int:
+    """Maps the failures every command shares onto messages and exit codes."""
+    from glide.daemon import DataDirInUse
+    from glide.store import StoreError, StoreUnsafe
 
-    logs.setup(args.log_level)
     try:
-        cfg = config_from_args(args)
-    except ConfigError as e:
-        print(f"glidefs: configuration error: {e}", file=sys.stderr)
-        return 2
-    try:
-        return Daemon(cfg).run()
-    except DataDirInUse as e:
+        return fn()
+    except (DataDirInUse, StoreUnsafe) as e:
         print(f"glidefs: {e}", file=sys.stderr)
         return 2
     except ValueError as e:  # a volume that disagrees with its config (size)
         print(f"glidefs: {e}", file=sys.stderr)
         return 2
+    except StoreError as e:
+        print(f"glidefs: {what}: object store error: {e}", file=sys.stderr)
+        return 1
     except (OSError, RuntimeError) as e:
-        print(f"glidefs: cannot start: {e}", file=sys.stderr)
+        print(f"glidefs: {what}: {e}", file=sys.stderr)
         return 1
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from glide.daemon import Daemon
+
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as e:
+        print(f"glidefs: configuration error: {e}", file=sys.stderr)
+        return 2
+    return _run("cannot start", Daemon(cfg).run)
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    from glide.daemon import drain_volume
+
+    try:
+        cfg = _base_config(args)
+        ensure_default_volume(cfg)
+        match = [v for v in cfg.volumes if v.name == args.name]
+        if args.size:
+            cfg.volumes = [VolumeConfig(args.name, parse_size(args.size, "--size"))]
+        elif match:
+            cfg.volumes = match
+        else:
+            raise ConfigError(f"no volume named {args.name!r} in the configuration; "
+                              "give its --size")
+        cfg.data_dir = cfg.data_dir.absolute()
+        validate(cfg)
+    except ConfigError as e:
+        print(f"glidefs: configuration error: {e}", file=sys.stderr)
+        return 2
+    return _run(f"drain {args.name}", lambda: drain_volume(cfg, cfg.volumes[0], print))
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from glide.gc import collect_garbage
+    from glide.store import from_config
+
+    try:
+        cfg = _base_config(args)
+        grace = parse_duration(args.grace, "--grace")
+        validate(cfg)
+    except ConfigError as e:
+        print(f"glidefs: configuration error: {e}", file=sys.stderr)
+        return 2
+
+    def gc() -> int:
+        store = from_config(cfg.store, cfg.data_dir.absolute())
+        try:
+            report = collect_garbage(store, grace=grace, dry_run=args.dry_run)
+        finally:
+            store.close()
+        print(report.summary())
+        return 0
+
+    return _run("gc", gc)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from glide import logs
+
     args = build_parser().parse_args(argv)
+    logs.setup(args.log_level)
     if args.command == "serve":
         return cmd_serve(args)
+    if args.command == "volume" and args.volume_command == "drain":
+        return cmd_drain(args)
+    if args.command == "gc":
+        return cmd_gc(args)
     return 2
 
 

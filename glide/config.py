@@ -75,6 +75,43 @@ class UblkConfig:
 
 
 @dataclass
+class StoreConfig:
+    """Where volumes live durably. kind "local": a directory (default
+    <data_dir>/store); kind "s3": a bucket through boto3, credentials from
+    boto3's usual sources (environment, shared config, instance roles)."""
+
+    kind: str = "local"
+    path: Path | None = None  # local: None means <data_dir>/store
+    bucket: str = ""
+    prefix: str = ""
+    endpoint_url: str | None = None
+    region: str | None = None
+    addressing_style: str = "auto"
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    max_attempts: int = 5
+
+    def describe(self, data_dir: Path) -> str:
+        if self.kind == "local":
+            return str(self.path or data_dir / "store")
+        where = f" via {self.endpoint_url}" if self.endpoint_url else ""
+        return f"s3://{self.bucket}/{self.prefix}{where}"
+
+
+def parse_store_url(url: str, store: StoreConfig) -> None:
+    """`--store`: a directory path (or file:///path) or s3://bucket[/prefix]."""
+    if url.startswith("s3://"):
+        bucket, _, prefix = url[5:].partition("/")
+        if not bucket:
+            raise ConfigError(f"--store {url!r}: s3:// needs a bucket name")
+        store.kind, store.bucket, store.prefix = "s3", bucket, prefix
+    elif "://" in url and not url.startswith("file://"):
+        raise ConfigError(f"--store {url!r}: use a directory, file:///path or s3://bucket/prefix")
+    else:
+        store.kind, store.path = "local", Path(url.removeprefix("file://"))
+
+
+@dataclass
 class Config:
     data_dir: Path = field(default_factory=default_data_dir)
     nbd_unix: str | None = None  # None: <data_dir>/nbd.sock
@@ -82,7 +119,9 @@ class Config:
     volumes: list[VolumeConfig] = field(default_factory=list)
     wal_budget: int = 1 << 30
     wal_segment_size: int = 64 << 20
-    checkpoint_interval: float = 5.0
+    flush_interval: float = 5.0  # flush a dirty volume at least this often
+    cache_size: int | None = None  # cache-file bytes per volume before eviction; None: no limit
+    store: StoreConfig = field(default_factory=StoreConfig)
     ublk: UblkConfig = field(default_factory=UblkConfig)
     release_devices: bool = False  # on shutdown delete ublk devices instead of leaving them
     handshake_timeout: float = 10.0
@@ -115,7 +154,7 @@ def load_file(path: Path) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path}: {e}") from e
     cfg = Config(config_path=path)
-    known = {"data_dir", "nbd", "cache", "volume", "ublk"}
+    known = {"data_dir", "nbd", "cache", "volume", "ublk", "store"}
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"config file {path}: unknown keys {sorted(unknown)}")
@@ -133,10 +172,14 @@ def load_file(path: Path) -> Config:
         cfg.wal_budget = parse_size(cache["wal_budget"], "cache.wal_budget")
     if "wal_segment_size" in cache:
         cfg.wal_segment_size = parse_size(cache["wal_segment_size"], "cache.wal_segment_size")
-    if "checkpoint_interval" in cache:
-        cfg.checkpoint_interval = parse_duration(
-            cache["checkpoint_interval"], "cache.checkpoint_interval"
-        )
+    if "flush_interval" in cache:
+        cfg.flush_interval = parse_duration(cache["flush_interval"], "cache.flush_interval")
+    if "size" in cache:
+        cfg.cache_size = parse_size(cache["size"], "cache.size") or None
+    unknown = set(cache) - {"wal_budget", "wal_segment_size", "flush_interval", "size"}
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown keys in [cache]: {sorted(unknown)}")
+    cfg.store = load_store(raw.get("store", {}), path)
     ublk = raw.get("ublk", {})
     cfg.ublk = UblkConfig(
         queues=int(ublk.get("queues", 1)),
@@ -154,6 +197,40 @@ def load_file(path: Path) -> Config:
             VolumeConfig(vol["name"], size, bool(vol.get("ublk", False)), ublk_id)
         )
     return cfg
+
+
+_STORE_KEYS = {
+    "local": {"kind", "path"},
+    "s3": {"kind", "bucket", "prefix", "endpoint_url", "region", "addressing_style",
+           "connect_timeout", "read_timeout", "max_attempts"},
+}
+
+
+def load_store(raw: dict, path: Path) -> StoreConfig:
+    store = StoreConfig()
+    kind = raw.get("kind", "local")
+    if kind not in _STORE_KEYS:
+        raise ConfigError(f"config file {path}: store.kind must be \"local\" or \"s3\", "
+                          f"got {kind!r}")
+    unknown = set(raw) - _STORE_KEYS[kind]
+    if unknown:
+        raise ConfigError(f"config file {path}: keys {sorted(unknown)} do not apply to a "
+                          f"{kind} store")
+    store.kind = kind
+    if kind == "local":
+        store.path = Path(raw["path"]) if raw.get("path") else None
+        return store
+    store.bucket = str(raw.get("bucket", ""))
+    store.prefix = str(raw.get("prefix", ""))
+    store.endpoint_url = raw.get("endpoint_url") or None
+    store.region = raw.get("region") or None
+    store.addressing_style = str(raw.get("addressing_style", "auto"))
+    if "connect_timeout" in raw:
+        store.connect_timeout = parse_duration(raw["connect_timeout"], "store.connect_timeout")
+    if "read_timeout" in raw:
+        store.read_timeout = parse_duration(raw["read_timeout"], "store.read_timeout")
+    store.max_attempts = int(raw.get("max_attempts", 5))
+    return store
 
 
 def ensure_default_volume(cfg: Config) -> None:
@@ -188,6 +265,16 @@ def validate(cfg: Config) -> None:
     ids = [v.ublk_id for v in cfg.volumes if v.ublk and v.ublk_id is not None]
     if len(ids) != len(set(ids)):
         raise ConfigError("two volumes ask for the same ublk_id")
+    st = cfg.store
+    if st.kind == "s3":
+        if not st.bucket:
+            raise ConfigError("store.bucket is required for an s3 store")
+        if st.addressing_style not in ("auto", "virtual", "path"):
+            raise ConfigError("store.addressing_style must be auto, virtual or path")
+        if not 1 <= st.max_attempts <= 20:
+            raise ConfigError("store.max_attempts must be 1-20")
+    if cfg.cache_size is not None and cfg.cache_size < (64 << 20):
+        raise ConfigError("cache.size must be at least 64MiB (or 0 for no limit)")
     sock = cfg.unix_socket_path()
     if len(sock.encode()) >= 108:
         raise ConfigError(f"NBD unix socket path is too long for AF_UNIX (max 107 bytes): {sock}")

@@ -1,16 +1,22 @@
 """The glidefs daemon: owns the data directory, the volumes and the listeners.
 
-Concurrency model: one asyncio event loop (listeners, NBD handshakes, signals)
-plus one checkpoint thread. Neither touches the I/O path: after a handshake the
-connection belongs to a C thread. The `Daemon` object is the only mutable
-global state.
+Concurrency model: one asyncio event loop (listeners, NBD handshakes, signals),
+one flush-scheduler thread, and per volume one fetcher thread (with a small
+pool for store GETs). None of them touches the I/O path: after a handshake the
+connection belongs to a C thread, and a read miss reaches Python only as a
+block number on an eventfd. The `Daemon` object is the only mutable global
+state.
 
 Keeps:
   - at most one daemon per data directory (an flock held for the process's
     life; the kernel drops it on any death, kill -9 included);
+  - start-up refuses a store that does not honour conditional PUT, and a
+    volume whose cache and store disagree (glide/served_volume.py);
   - shutdown order: stop accepting, drain connections (in-flight requests are
-    answered), checkpoint every volume, close. Nothing acknowledged is lost on
-    any path, and a kill -9 at any moment is recovered by WAL replay.
+    answered), flush every volume to the store, stop the fetchers, close. A
+    final flush that fails leaves the data in the WAL for the next start.
+    Nothing acknowledged is lost on any path, and a kill -9 at any moment is
+    recovered by WAL replay.
 """
 
 from __future__ import annotations
@@ -22,17 +28,20 @@ import fcntl
 import logging
 import os
 import resource
-import select
 import signal
 import socket
 import stat
-import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from glide import _native
-from glide.config import Config, parse_hostport
+from glide.config import Config, VolumeConfig, parse_hostport
+from glide.flush_scheduler import FlushScheduler
+from glide.manifest import Fenced
 from glide.nbd_handshake import Export, negotiate_and_attach
+from glide.served_volume import ServedVolume, store_identity
+from glide.store import ObjectStore, StoreError, from_config
 
 log = logging.getLogger("glide.daemon")
 
@@ -71,76 +80,14 @@ class DataDirLock:
             self.fd = -1
 
 
-class Checkpointer(threading.Thread):
-    """Checkpoints volumes when their WAL passes half its budget or has held
-    dirty data for `interval` seconds. Until the object store exists, the
-    cache file is the durable home, so a checkpoint is what lets WAL segments
-    go (and what releases writers waiting on backpressure)."""
-
-    def __init__(self, volumes: dict[str, _native.Volume], interval: float) -> None:
-        super().__init__(name="checkpointer", daemon=True)
-        self.volumes = volumes
-        self.interval = interval
-        self.stop_r, self.stop_w = os.pipe()
-        self.failures: dict[str, int] = {}
-
-    def stop(self) -> None:
-        os.write(self.stop_w, b"x")
-        self.join()
-        os.close(self.stop_r)
-        os.close(self.stop_w)
-
-    def run(self) -> None:
-        poller = select.poll()
-        poller.register(self.stop_r, select.POLLIN)
-        by_fd = {}
-        for name, vol in self.volumes.items():
-            fd = vol.pressure_fd()
-            by_fd[fd] = name
-            poller.register(fd, select.POLLIN)
-        last = {name: time.monotonic() for name in self.volumes}
-        while True:
-            events = poller.poll(self.interval * 1000 / 2)
-            urgent = set()
-            for fd, _ in events:
-                if fd == self.stop_r:
-                    return
-                with contextlib.suppress(BlockingIOError):
-                    os.read(fd, 8)
-                urgent.add(by_fd[fd])
-            now = time.monotonic()
-            for name, vol in self.volumes.items():
-                if name not in urgent and now - last[name] < self.interval:
-                    continue
-                if vol.stats()["dirty_blocks"] == 0:
-                    last[name] = now
-                    continue
-                self.checkpoint(name, vol)
-                last[name] = time.monotonic()
-
-    def checkpoint(self, name: str, vol: _native.Volume) -> None:
-        try:
-            t0 = time.monotonic()
-            st = vol.checkpoint()
-            self.failures.pop(name, None)
-            log.debug(
-                "checkpoint volume=%s cut_seq=%d blocks=%d zeroed=%d ms=%.1f", name,
-                st["cut_seq"], st["blocks_written"], st["blocks_zeroed"],
-                (time.monotonic() - t0) * 1000,
-            )
-        except OSError as e:
-            n = self.failures.get(name, 0) + 1
-            self.failures[name] = n
-            log.error("checkpoint failed volume=%s attempt=%d error=%s", name, n, e)
-
-
 class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.lock = DataDirLock(cfg.data_dir)
-        self.volumes: dict[str, _native.Volume] = {}
+        self.store: ObjectStore | None = None
+        self.volumes: dict[str, ServedVolume] = {}
         self.exports: dict[str, Export] = {}
-        self.checkpointer: Checkpointer | None = None
+        self.scheduler: FlushScheduler | None = None
         self.servers: list[asyncio.AbstractServer] = []
         self.listen_socks: list[socket.socket] = []
         self.stop_event: asyncio.Event | None = None
@@ -182,30 +129,28 @@ class Daemon:
             "recovered (re-attached after the previous daemon)" if recovered else "created",
         )
 
+    def open_store(self) -> ObjectStore:
+        """The store, proven to honour conditional PUT (or StoreError)."""
+        st = self.cfg.store
+        store = from_config(st, self.cfg.data_dir)
+        t0 = time.monotonic()
+        store.check_conditional_put()
+        log.info("store %s (%s) checked: conditional PUT honoured ms=%.1f",
+                 st.describe(self.cfg.data_dir), st.kind, (time.monotonic() - t0) * 1000)
+        return store
+
     def open_volumes(self) -> None:
+        self.store = self.open_store()
+        store_id = store_identity(self.store)
         vdir = self.cfg.data_dir / "volumes"
         vdir.mkdir(parents=True, exist_ok=True)
         for vc in self.cfg.volumes:
-            t0 = time.monotonic()
-            vol = _native.Volume(
-                str(vdir / vc.name), vc.size, self.cfg.wal_budget, self.cfg.wal_segment_size
-            )
-            st = vol.stats()
-            log.info(
-                "opened volume=%s size=%d replayed_records=%d discarded_bytes=%d ms=%.1f",
-                vc.name, vc.size, st["replayed_records"], st["replay_discarded_bytes"],
-                (time.monotonic() - t0) * 1000,
-            )
-            if st["replay_discarded_bytes"]:
-                log.warning(
-                    "volume=%s: discarded %d bytes of torn or unacknowledged WAL tail",
-                    vc.name, st["replay_discarded_bytes"],
-                )
-            self.volumes[vc.name] = vol
+            sv = ServedVolume.open(self.cfg, vc, self.store, store_id)
+            self.volumes[vc.name] = sv
             if vc.ublk:
-                self.attach_ublk(vc.name, vol, vdir / vc.name, vc.ublk_id)
+                self.attach_ublk(vc.name, sv.vol, vdir / vc.name, vc.ublk_id)
             self.exports[vc.name] = Export(
-                name=vc.name, size=vc.size, attach=self._attacher(vol),
+                name=vc.name, size=vc.size, attach=self._attacher(sv.vol),
                 description=f"glidefs volume {vc.name}",
             )
 
@@ -318,8 +263,8 @@ class Daemon:
             self.listen_socks.append(self._tcp_listener(self.cfg.nbd_tcp))
         accept_tasks = [asyncio.create_task(self._accept_loop(s)) for s in self.listen_socks]
 
-        self.checkpointer = Checkpointer(self.volumes, self.cfg.checkpoint_interval)
-        self.checkpointer.start()
+        self.scheduler = FlushScheduler(self.volumes, self.cfg.flush_interval)
+        self.scheduler.start()
         self._announce(unix_path)
 
         await self.stop_event.wait()
@@ -368,35 +313,87 @@ class Daemon:
         log.warning("SIGHUP received: the zero-downtime handoff is not in this build; ignoring")
 
     def _drain(self) -> None:
-        """Answer what is in flight, then make the cache file the whole truth.
+        """Answer what is in flight, then flush every volume to the store.
 
         ublk devices are left QUIESCED for the next daemon unless the operator
         asked to release them: a guest's I/O then waits instead of failing."""
-        for name, vol in self.volumes.items():
+        for name, sv in self.volumes.items():
             if name in self.ublk_devices:
                 try:
-                    vol.detach_ublk(self.cfg.release_devices)
+                    sv.vol.detach_ublk(self.cfg.release_devices)
                 except OSError as e:
                     log.error("releasing ublk device volume=%s error=%s", name, e)
                 verb = "deleted" if self.cfg.release_devices else "left for the next daemon"
                 log.info("ublk device /dev/ublkb%d %s", self.ublk_devices[name], verb)
-        for vol in self.volumes.values():
-            vol.shutdown_connections(5000)
-        if self.checkpointer is not None:
-            self.checkpointer.stop()
-            self.checkpointer = None
-        for name, vol in self.volumes.items():
+        for sv in self.volumes.values():
+            sv.vol.shutdown_connections(5000)
+        self._stop_scheduler()
+        for name, sv in self.volumes.items():
+            if sv.fenced:
+                log.error("volume=%s is fenced; %d unflushed blocks stay in its WAL", name,
+                          sv.dirty_blocks())
+                continue
             try:
-                vol.flush()
-                vol.checkpoint()
-            except OSError as e:
-                # The WAL still holds everything; the next start replays it.
-                log.error("final checkpoint failed volume=%s error=%s", name, e)
+                sv.vol.flush()
+                st = sv.flush()
+                if st is not None:
+                    log.info("final flush volume=%s blocks=%d manifest_version=%d", name,
+                             st.blocks, sv.manifest.version)
+            except (StoreError, OSError, Fenced) as e:
+                # Never a bare local checkpoint (glide/served_volume.py): the
+                # WAL keeps everything and the next start flushes it.
+                log.error("final flush failed volume=%s error=%s; %d blocks stay in the WAL "
+                          "for the next start", name, e, sv.dirty_blocks())
+
+    def _stop_scheduler(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.stop()
+            self.scheduler = None
 
     def _close_volumes(self) -> None:
-        if self.checkpointer is not None:
-            self.checkpointer.stop()
-            self.checkpointer = None
-        for vol in self.volumes.values():
-            vol.close()
+        self._stop_scheduler()
+        for sv in self.volumes.values():
+            sv.close()
         self.volumes.clear()
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+
+def drain_volume(cfg: Config, vc: VolumeConfig, say: Callable[[str], None]) -> int:
+    """`glidefs volume drain`: flush everything one volume's cache holds, with
+    the daemon stopped (the data-directory lock makes sure of that). Exits 0
+    only when the store holds every block the cache had."""
+    lock = DataDirLock(cfg.data_dir)
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        lock.acquire()
+    except DataDirInUse as e:
+        raise DataDirInUse(f"{e}. A running daemon flushes on stop: stop it (systemctl stop "
+                           "glidefs), then drain.") from None
+    store = from_config(cfg.store, cfg.data_dir)
+    try:
+        store.check_conditional_put()
+        sv = ServedVolume.open(cfg, vc, store, store_identity(store))
+        try:
+            sv.vol.flush()
+            dirty = sv.dirty_blocks()
+            say(f"drain {vc.name}: {dirty} dirty blocks ({dirty * 4096 / (1 << 20):.1f} MiB) "
+                f"to flush to {cfg.store.describe(cfg.data_dir)}")
+            total = 0
+            while sv.needs_adopt or sv.dirty_blocks():
+                st = sv.flush()
+                if st is None:
+                    break
+                total += st.blocks
+                say(f"drain {vc.name}: flushed {total}/{max(dirty, total)} blocks "
+                    f"({st.stored} stored in {st.packs} packs, {st.pack_bytes} bytes, "
+                    f"{st.zeroed} zero) -> manifest v{sv.manifest.version}")
+            say(f"drain {vc.name}: done; the store holds everything at manifest "
+                f"v{sv.manifest.version}")
+        finally:
+            sv.close()
+    finally:
+        store.close()
+        lock.release()
+    return 0

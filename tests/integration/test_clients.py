@@ -375,7 +375,7 @@ def test_fio_verify_across_checkpoints(
     d = daemon_factory(
         volumes=[("vol0", VOL_SIZE)],
         extra_args=[
-            "--checkpoint-interval", "100ms",
+            "--flush-interval", "100ms",
             "--wal-segment-size", "33M",
             "--wal-budget", "70M",
         ],

@@ -209,7 +209,7 @@ def test_crash_oracle_rounds(daemon_factory: Callable[..., Daemon], tmp_short: P
         # WAL budget, so crashes also land mid-checkpoint, across segment
         # rotation and retirement, and while writers wait for backpressure.
         d.extra_args = (
-            ["--checkpoint-interval", "1", "--wal-segment-size", "33M", "--wal-budget", "70M"]
+            ["--flush-interval", "1", "--wal-segment-size", "33M", "--wal-budget", "70M"]
             if (rnd_no + rnd_no // 4) % 2
             else []
         )
@@ -319,7 +319,7 @@ def test_damaged_wal_tail(
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     # No periodic checkpoint: the WAL must hold everything since the start.
-    args = ["--checkpoint-interval", "3600"]
+    args = ["--flush-interval", "3600"]
     if multi:
         args += ["--wal-segment-size", "33M", "--wal-budget", "256M"]
     d = daemon_factory(volumes=[("vol0", VOL_SIZE)], extra_args=args)

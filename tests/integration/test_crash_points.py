@@ -29,10 +29,10 @@ CHECKPOINT_POINTS = [
     "checkpoint-after-state",
     "checkpoint-after-retire",
 ]
-SMALL_WAL = ["--wal-segment-size", "34M", "--wal-budget", "160M", "--checkpoint-interval", "0.2"]
+SMALL_WAL = ["--wal-segment-size", "34M", "--wal-budget", "160M", "--flush-interval", "0.2"]
 # The data must be flushed before the checkpoint (and so the crash) starts:
 # a second leaves a wide margin even on a loaded machine.
-CHECKPOINT_SOON = ["--checkpoint-interval", "1"]
+CHECKPOINT_SOON = ["--flush-interval", "1"]
 
 
 def qemu_io(uri: str, *cmds: str) -> str:

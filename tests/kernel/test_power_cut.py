@@ -93,7 +93,7 @@ mkdir -p "$D" "$GLIDEFS_DIR"
 : > "$GLIDEFS_DIR/stdout.log"  # exists before the loop below reads it
 env ${NOSYNC_PRELOAD:+"LD_PRELOAD=$NOSYNC_PRELOAD"} \
     python -m glide serve --data-dir "$D" --nbd-unix "$D/nbd.sock" --nbd-tcp none \
-    --volume vol0:64M --checkpoint-interval "$CHECKPOINT_INTERVAL" \
+    --volume vol0:64M --flush-interval "$FLUSH_INTERVAL" \
     > "$GLIDEFS_DIR/stdout.log" 2>> "$GLIDEFS_DIR/daemon.log" &
 GLIDEFS_PID=$!
 ready=
@@ -153,10 +153,10 @@ class RoundPlan:
     nosync: bool  # the negative control: the daemon's fsync/fdatasync are no-ops
     writer_args: list[str]
     cut_delay: float
-    # The daemon's --checkpoint-interval while this round's writer runs: 1 s (cuts land
+    # The daemon's --flush-interval while this round's writer runs: 1 s (cuts land
     # around checkpoints, which sync the cache file and retire WAL) or an hour (the WAL's
     # fdatasync at FLUSH is all that makes a write durable).
-    checkpoint_interval: str
+    flush_interval: str
 
 
 def _plan(rng: random.Random) -> list[RoundPlan]:
@@ -185,7 +185,7 @@ def _script(read_round: int, plan: RoundPlan | None, nosync_preload: Path) -> st
         "REGION_FIRST": str(REGION_FIRST),
         "REGION_BLOCKS": str(REGION_BLOCKS),
         "WRITER_ARGS": shlex.join(plan.writer_args) if plan else "",
-        "CHECKPOINT_INTERVAL": plan.checkpoint_interval if plan else "1",
+        "FLUSH_INTERVAL": plan.flush_interval if plan else "1",
         "NOSYNC_PRELOAD": str(nosync_preload) if plan and plan.nosync else "",
     }
     header = "".join(f"{name}={shlex.quote(value)}\n" for name, value in values.items())
@@ -322,7 +322,7 @@ def test_power_cut_rounds(vm_assets: vm.VmAssets, tmp_path: Path) -> None:
         lost = acked_but_lost(rnd, observed)
         print(
             f"round {read_round}{' (NEGATIVE CONTROL: no fsync/fdatasync)' if prev.nosync else ''}"
-            f": checkpoint-interval {prev.checkpoint_interval}, {shlex.join(prev.writer_args)}"
+            f": flush-interval {prev.flush_interval}, {shlex.join(prev.writer_args)}"
             f"\n    ops={rnd.ops} acked={rnd.acked} durable={rnd.durable} "
             f"flushes={rnd.flushes} blocks_touched={len(rnd.per_block)} "
             f"acked_but_lost={len(lost)} violations={len(violations)}"

@@ -37,7 +37,7 @@ def test_toml_file(tmp_path: Path) -> None:
     f.write_text(
         f'data_dir = "{tmp_path}/d"\n'
         '[nbd]\ntcp = ""\n'
-        '[cache]\nwal_budget = "512M"\ncheckpoint_interval = "2s"\n'
+        '[cache]\nwal_budget = "512M"\nflush_interval = "2s"\n'
         '[[volume]]\nname = "a"\nsize = "1G"\n'
         '[[volume]]\nname = "b"\nsize = 8192\n'
     )

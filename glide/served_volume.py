@@ -1,0 +1,269 @@
+"""One volume as the daemon serves it: the local cache bound to its manifest.
+
+Owns the decision made when a volume opens — is the local cache a warm copy
+of what the store holds, an empty directory to fill on demand (cold open), a
+stale copy to throw away, or in conflict with the store — and the pieces that
+keep the two in step afterwards: the `Flusher` (cache -> store), the `Fetcher`
+(store -> cache) and the eviction call.
+
+Invariants:
+  - a volume directory is bound to one store and one cache identity
+    (`store-binding.json`, written once). The cache identity is part of every
+    writer id this cache commits under, so at open the root's writer tells
+    whether the store's latest version came from this cache;
+  - the cache is trusted only if the store's latest version came from this
+    cache: the cache is then at least as new (a flush reads from the WAL,
+    which the commit waits for). Otherwise it is discarded if it holds
+    nothing unflushed, and the volume refuses to open if it does — local data
+    and store data never silently overwrite one another;
+  - with a store, a checkpoint only ever follows a manifest commit (the
+    Flusher does both). A bare local checkpoint would mark overwritten blocks
+    CLEAN while the store still holds their old content, and eviction could
+    then serve that old content;
+  - REMOTE bits of a cold open are persisted (checkpoint of a clean volume)
+    before the binding is written, so a crash never leaves a bound volume
+    that forgot which blocks the store holds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from glide import _native
+from glide.config import Config, VolumeConfig
+from glide.fetcher import Fetcher
+from glide.flusher import Flusher, FlushStats
+from glide.manifest import Manifest
+from glide.store.base import NotFound, ObjectStore, PreconditionFailed
+
+log = logging.getLogger("glide.volume")
+
+BLOCK = 4096
+BINDING_FILE = "store-binding.json"
+STORE_ID_KEY = "store-id"
+
+
+class VolumeConflict(RuntimeError):
+    """The local cache and the store disagree in a way only an operator may
+    settle; the message says what and how."""
+
+
+def store_identity(store: ObjectStore) -> str:
+    """The store's own id (an object created once, If-None-Match), so a data
+    directory can tell "the same store at another URL" from "another store"."""
+    try:
+        return store.get(STORE_ID_KEY).decode().strip()
+    except NotFound:
+        pass
+    new = uuid.uuid4().hex
+    try:
+        store.put(STORE_ID_KEY, new.encode() + b"\n", if_none_match=True)
+        return new
+    except PreconditionFailed:  # another daemon created it first
+        return store.get(STORE_ID_KEY).decode().strip()
+
+
+@dataclass(frozen=True)
+class Binding:
+    cache_id: str
+    store_id: str
+
+    @classmethod
+    def load(cls, vdir: Path) -> Binding | None:
+        try:
+            raw = json.loads((vdir / BINDING_FILE).read_text())
+            return cls(str(raw["cache_id"]), str(raw["store_id"]))
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as e:
+            raise VolumeConflict(f"{vdir / BINDING_FILE} is damaged ({e}); move the volume "
+                                 "directory aside to start from the store") from None
+
+    def save(self, vdir: Path) -> None:
+        tmp = vdir / (BINDING_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"cache_id": self.cache_id, "store_id": self.store_id}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, vdir / BINDING_FILE)
+        fd = os.open(vdir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def writer_id(cache_id: str) -> str:
+    """Unique per daemon instance (Manifest.create's idempotence needs that),
+    and names the cache it writes from."""
+    return f"glidefs/{cache_id}/{socket.gethostname()[:64]}/{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def writer_cache_id(writer: str) -> str | None:
+    parts = writer.split("/")
+    return parts[1] if len(parts) >= 3 and parts[0] == "glidefs" else None
+
+
+class ServedVolume:
+    """A volume open for serving: native volume + manifest + flusher + fetcher."""
+
+    def __init__(self, name: str, vol: _native.Volume, manifest: Manifest,
+                 store: ObjectStore, cache_blocks: int | None) -> None:
+        self.name = name
+        self.vol = vol
+        self.manifest = manifest
+        self.store = store
+        self.cache_blocks = cache_blocks
+        self.flusher = Flusher(vol, manifest, store)
+        self.fetcher = Fetcher(vol, manifest, store)
+        self.fenced: str | None = None  # why this daemon may no longer write the volume
+        self.needs_adopt = False  # blocks from before the volume had a store
+        self.flush_lock = threading.Lock()  # one flush at a time (scheduler, drain, stop)
+
+    # ---- opening ----
+
+    @classmethod
+    def open(cls, cfg: Config, vc: VolumeConfig, store: ObjectStore,
+             store_id: str) -> ServedVolume:
+        vdir = cfg.data_dir / "volumes" / vc.name
+        vdir.mkdir(parents=True, exist_ok=True)
+        binding = Binding.load(vdir)
+        if binding is not None and binding.store_id != store_id:
+            raise VolumeConflict(
+                f"volume {vc.name}: its cache in {vdir} belongs to another object store "
+                f"(store id {binding.store_id}, this store is {store_id}). Point the daemon at "
+                "that store, or move the volume directory aside to serve this store's copy.")
+        cache_id = binding.cache_id if binding else uuid.uuid4().hex
+        writer = writer_id(cache_id)
+        vol = cls._open_native(cfg, vc, vdir)
+        try:
+            manifest, cold, adopt = cls._bind_manifest(cfg, vc, store, vol, vdir, binding,
+                                                       writer)
+            if manifest.root.size != vc.size:
+                raise VolumeConflict(
+                    f"volume {vc.name}: the store holds it with size {manifest.root.size}, "
+                    f"the configuration says {vc.size}; resizing is not supported")
+            if cold is not None:
+                vol = cold
+            if binding is None:
+                Binding(cache_id, store_id).save(vdir)
+        except BaseException:
+            vol.close()
+            raise
+        sv = cls(vc.name, vol, manifest, store,
+                 None if cfg.cache_size is None else cfg.cache_size // BLOCK)
+        sv.needs_adopt = adopt
+        sv.fetcher.start()
+        return sv
+
+    @staticmethod
+    def _open_native(cfg: Config, vc: VolumeConfig, vdir: Path) -> _native.Volume:
+        t0 = time.monotonic()
+        vol = _native.Volume(str(vdir), vc.size, cfg.wal_budget, cfg.wal_segment_size)
+        st = vol.stats()
+        log.info("opened volume=%s size=%d replayed_records=%d discarded_bytes=%d ms=%.1f",
+                 vc.name, vc.size, st["replayed_records"], st["replay_discarded_bytes"],
+                 (time.monotonic() - t0) * 1000)
+        if st["replay_discarded_bytes"]:
+            log.warning("volume=%s: discarded %d bytes of torn or unacknowledged WAL tail",
+                        vc.name, st["replay_discarded_bytes"])
+        return vol
+
+    @classmethod
+    def _bind_manifest(
+        cls, cfg: Config, vc: VolumeConfig, store: ObjectStore, vol: _native.Volume,
+        vdir: Path, binding: Binding | None, writer: str,
+    ) -> tuple[Manifest, _native.Volume | None, bool]:
+        """(manifest owned by `writer`, a replacement native volume if the
+        cache was reset, whether local-only data must be adopted)."""
+        unflushed = vol.stats()["dirty_blocks"] + len(vol.local_only_blocks())
+        try:
+            manifest = Manifest.open(store, vc.name)
+        except NotFound:
+            # A new volume in this store. Anything the cache holds predates
+            # the store (or a crash before the first commit): upload it.
+            manifest = Manifest.create(store, vc.name, vc.size, writer=writer)
+            log.info("volume=%s: created in the store (version 1)", vc.name)
+            return manifest, None, unflushed > 0
+        last = writer_cache_id(manifest.root.writer)
+        ours = binding is not None and last == binding.cache_id
+        if manifest.root.size != vc.size:
+            return manifest, None, False  # open() reports it
+        cold: _native.Volume | None = None
+        if not ours:
+            if unflushed:
+                raise VolumeConflict(
+                    f"volume {vc.name}: the store's latest version (v{manifest.version}, "
+                    f"written by {manifest.root.writer}) did not come from this cache, and the "
+                    f"cache holds {unflushed} blocks the store does not have. Refusing to "
+                    f"choose: move {vdir} aside to serve the store's copy, or point this "
+                    "daemon at the store its cache came from.")
+            if binding is not None:
+                log.warning("volume=%s: local cache is stale (store at v%d by %s); "
+                            "discarding it and reading from the store", vc.name,
+                            manifest.version, manifest.root.writer)
+            cold = cls._reset_cache(cfg, vc, vol, vdir)
+        manifest.take_ownership(writer)
+        if cold is not None:
+            remote = 0
+            for first, count in manifest.present_leaves():
+                cold.set_remote(first, count, True)
+                remote += count
+            cold.checkpoint()  # persists the REMOTE bits (nothing is dirty)
+            log.info("volume=%s: cold open at v%d; %d blocks readable from the store",
+                     vc.name, manifest.version, remote)
+        else:
+            log.info("volume=%s: warm open at v%d", vc.name, manifest.version)
+        return manifest, cold, False
+
+    @classmethod
+    def _reset_cache(cls, cfg: Config, vc: VolumeConfig, vol: _native.Volume,
+                     vdir: Path) -> _native.Volume:
+        vol.close()
+        for child in vdir.iterdir():
+            if child.name in ("ublk-id",):
+                continue  # the device identity is not cache content
+            if child.is_dir():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+        return cls._open_native(cfg, vc, vdir)
+
+    # ---- keeping the store in step ----
+
+    def flush(self) -> FlushStats | None:
+        """One flush of everything dirty now (and, once, what predates the
+        store). Raises what the flusher raises; Fenced is for the caller to
+        record. Never runs two at once."""
+        with self.flush_lock:
+            if self.fenced:
+                raise RuntimeError(f"volume {self.name} is fenced: {self.fenced}")
+            if self.needs_adopt:
+                st = self.flusher.adopt_local()
+                self.needs_adopt = False
+                if st is not None:
+                    log.info("volume=%s: uploaded %d blocks that predate the store",
+                             self.name, st.stored)
+            return self.flusher.flush_once()
+
+    def evict(self) -> int:
+        if self.cache_blocks is None:
+            return 0
+        return self.vol.evict_to(self.cache_blocks)
+
+    def dirty_blocks(self) -> int:
+        return self.vol.stats()["dirty_blocks"]
+
+    def close(self) -> None:
+        self.fetcher.stop()
+        self.vol.close()
