@@ -58,6 +58,13 @@ def test_toml_file(tmp_path: Path) -> None:
         ("[cache]\nwal_budget = '1M'\n", "wal_budget"),
         ("[nbd]\ntcp = 'localhost'\n", "HOST:PORT"),
         ("this is = not toml [", "config file"),
+        ("[cache]\ncheckpoint_interval = '5s'\n", "unknown keys in \\[cache\\]"),
+        ("[cache]\nsize = '1M'\n", "cache.size"),
+        ("[store]\nkind = 'ftp'\n", "store.kind"),
+        ("[store]\nkind = 's3'\n", "store.bucket is required"),
+        ("[store]\nbucket = 'b'\n", "do not apply to a local store"),
+        ("[store]\nkind = 's3'\nbucket = 'b'\naddressing_style = 'x'\n", "addressing_style"),
+        ("[store]\nkind = 's3'\nbucket = 'b'\nread_timeout = '0s'\n", "positive"),
     ],
 )
 def test_bad_config_is_a_clear_error(tmp_path: Path, text: str, match: str) -> None:
@@ -65,6 +72,33 @@ def test_bad_config_is_a_clear_error(tmp_path: Path, text: str, match: str) -> N
     f.write_text(text)
     with pytest.raises(ConfigError, match=match):
         validate(load_file(f))
+
+
+def test_store_config_and_flags(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text('[store]\nkind = "s3"\nbucket = "bkt"\nprefix = "glide/"\n'
+                 'endpoint_url = "http://minio:9000"\nread_timeout = "10s"\nmax_attempts = 3\n'
+                 '[cache]\nsize = "10G"\n')
+    cfg = load_file(f)
+    validate(cfg)
+    assert (cfg.store.kind, cfg.store.bucket, cfg.store.prefix) == ("s3", "bkt", "glide/")
+    assert cfg.store.endpoint_url == "http://minio:9000" and cfg.store.read_timeout == 10.0
+    assert cfg.cache_size == 10 << 30
+    # the embedded default: a directory inside the data directory
+    args = build_parser().parse_args(["serve", "--data-dir", str(tmp_path)])
+    cfg = config_from_args(args)
+    assert cfg.store.kind == "local" and cfg.store.describe(cfg.data_dir) == str(tmp_path / "store")
+    args = build_parser().parse_args(["serve", "--data-dir", str(tmp_path), "--store",
+                                      "s3://b/p/q", "--s3-endpoint", "http://h:1"])
+    cfg = config_from_args(args)
+    assert (cfg.store.kind, cfg.store.bucket, cfg.store.prefix) == ("s3", "b", "p/q")
+    assert cfg.store.endpoint_url == "http://h:1"
+    args = build_parser().parse_args(["serve", "--data-dir", str(tmp_path), "--store", "/x/y"])
+    assert config_from_args(args).store.path == Path("/x/y")
+    for bad in ("s3://", "gs://bucket"):
+        args = build_parser().parse_args(["serve", "--data-dir", str(tmp_path), "--store", bad])
+        with pytest.raises(ConfigError, match="--store"):
+            config_from_args(args)
 
 
 def test_example_config_in_deploy_is_valid() -> None:
