@@ -147,8 +147,7 @@ class ServedVolume:
         writer = writer_id(cache_id)
         vol = cls._open_native(cfg, vc, vdir)
         try:
-            manifest, cold, adopt = cls._bind_manifest(cfg, vc, store, vol, vdir, binding,
-                                                       writer)
+            manifest, cold = cls._bind_manifest(cfg, vc, store, vol, vdir, binding, writer)
             if manifest.root.size != vc.size:
                 raise VolumeConflict(
                     f"volume {vc.name}: the store holds it with size {manifest.root.size}, "
@@ -162,7 +161,9 @@ class ServedVolume:
             raise
         sv = cls(vc.name, vol, manifest, store,
                  None if cfg.cache_size is None else cfg.cache_size // BLOCK)
-        sv.needs_adopt = adopt
+        # Blocks only the cache holds: written before the volume had a store,
+        # or adopted by a run that crashed before committing them.
+        sv.needs_adopt = bool(vol.local_only_blocks())
         sv.fetcher.start()
         return sv
 
@@ -183,22 +184,23 @@ class ServedVolume:
     def _bind_manifest(
         cls, cfg: Config, vc: VolumeConfig, store: ObjectStore, vol: _native.Volume,
         vdir: Path, binding: Binding | None, writer: str,
-    ) -> tuple[Manifest, _native.Volume | None, bool]:
+    ) -> tuple[Manifest, _native.Volume | None]:
         """(manifest owned by `writer`, a replacement native volume if the
-        cache was reset, whether local-only data must be adopted)."""
+        cache was reset)."""
         unflushed = vol.stats()["dirty_blocks"] + len(vol.local_only_blocks())
         try:
             manifest = Manifest.open(store, vc.name)
         except NotFound:
             # A new volume in this store. Anything the cache holds predates
-            # the store (or a crash before the first commit): upload it.
+            # the store (or a crash before the first commit): the flusher
+            # uploads it (ServedVolume.needs_adopt).
             manifest = Manifest.create(store, vc.name, vc.size, writer=writer)
             log.info("volume=%s: created in the store (version 1)", vc.name)
-            return manifest, None, unflushed > 0
+            return manifest, None
         last = writer_cache_id(manifest.root.writer)
         ours = binding is not None and last == binding.cache_id
         if manifest.root.size != vc.size:
-            return manifest, None, False  # open() reports it
+            return manifest, None  # open() reports it
         cold: _native.Volume | None = None
         if not ours:
             if unflushed:
@@ -224,7 +226,7 @@ class ServedVolume:
                      vc.name, manifest.version, remote)
         else:
             log.info("volume=%s: warm open at v%d", vc.name, manifest.version)
-        return manifest, cold, False
+        return manifest, cold
 
     @classmethod
     def _reset_cache(cls, cfg: Config, vc: VolumeConfig, vol: _native.Volume,

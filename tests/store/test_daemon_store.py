@@ -425,3 +425,30 @@ def test_gc_keeps_everything_reachable_under_concurrent_flushes(
     cold = start(daemon_factory, store_spec, VOL_BLOCKS * BS)
     assert _image(cold, tmp_short / "cold.img") == warm
     assert cold.stop() == 0
+
+
+def test_data_from_before_the_store_is_uploaded(daemon_factory: Callable[..., Daemon],
+                                                store_spec: StoreSpec, tmp_short: Path) -> None:
+    """A data directory written by a build without a store (its cache file is
+    the only copy, checkpointed, no WAL) is adopted: the store gets every
+    block, and a cold daemon elsewhere serves them."""
+    size = 16 * MiB
+    data_dir = tmp_short / "old"
+    (data_dir / "volumes").mkdir(parents=True)
+    v = _native.Volume(str(data_dir / "volumes" / "vol0"), size, 256 * MiB, 64 * MiB)
+    blob = random.Random(5).randbytes(2 * MiB)
+    v.write(MiB, blob)
+    v.checkpoint()
+    assert len(v.local_only_blocks()) == 512
+    v.close()
+    d = start(daemon_factory, store_spec, size, data_dir=data_dir)
+    assert d.stop() == 0
+    assert "predate the store" in d.stderr_text()
+    cold = start(daemon_factory, store_spec, size)
+    r = subprocess.run([SYSTEM_PYTHON, "-c", (
+        "import nbd,sys; h=nbd.NBD(); h.connect_uri(sys.argv[1]); "
+        "sys.stdout.buffer.write(h.pread(2*1024*1024, 1024*1024))"), cold.uri()],
+        capture_output=True, timeout=60, env=system_env())
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == blob
+    assert cold.stop() == 0
