@@ -19,6 +19,7 @@ SOURCES = [
     "native/nbd_proto.c",
     "native/nbd_conn.c",
     "native/ublk.c",
+    "native/pack_build.c",
     "native/module.c",
 ]
 
@@ -39,7 +40,9 @@ setup(
             depends=[f for f in os.listdir("native") if f.endswith(".h")] if os.path.isdir("native") else [],
             extra_compile_args=cflags,
             extra_link_args=ldflags,
-            libraries=["uring"],  # ublk rings (the C liburing: URING_CMD payloads)
+            # uring: ublk rings (the C liburing: URING_CMD payloads); zstd and
+            # xxhash: the pack builder (native/pack_build.c).
+            libraries=["uring", "zstd", "xxhash"],
         )
     ]
 )

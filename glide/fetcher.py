@@ -13,7 +13,7 @@ Invariants:
   - misses on the same pack are fetched together (one index, coalesced
     ranges of at most 64 KiB), misses on different packs in parallel.
 
-Not wired into the daemon yet (see glide/flusher.py).
+The daemon runs one per volume (glide/served_volume.py).
 """
 
 from __future__ import annotations

@@ -17,28 +17,32 @@ Invariants:
     persists them comes after that; a crash in between replays the WAL and
     the next flush recommits the same content.
 
-Not wired into the daemon yet: the daemon still checkpoints into the cache
-file; this module and glide/fetcher.py are the pieces that will replace it.
+The daemon runs it from glide/flush_scheduler.py through glide/served_volume.py.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
+from operator import itemgetter
 
 from glide import _native
 from glide.manifest import Location, Manifest
-from glide.pack import PackWriter
+from glide.pack import AS_OF_CURRENT, FinishedPack, build_pack
 from glide.store.base import ObjectStore
 
 log = logging.getLogger("glide.flusher")
 
 BLOCK = 4096
-ZERO_BLOCK = bytes(BLOCK)
 DEFAULT_PACK_TARGET = 16 << 20
+# Threads that read, hash and compress a pack (native/pack_build.c): one per
+# CPU this process may run on, up to a few; zstd -1 is the flush's main cost.
+BUILD_THREADS = max(1, min(8, len(os.sched_getaffinity(0))))
 
 
 @dataclass
@@ -56,11 +60,15 @@ class FlushStats:
 def _runs(lbas: list[int]) -> list[tuple[int, int]]:
     """Sorted block numbers as (first, count) runs."""
     runs: list[tuple[int, int]] = []
-    for lba in lbas:
-        if runs and runs[-1][0] + runs[-1][1] == lba:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((lba, 1))
+    if not lbas:
+        return runs
+    start = prev = lbas[0]
+    for lba in islice(lbas, 1, None):
+        if lba != prev + 1:
+            runs.append((start, prev - start + 1))
+            start = lba
+        prev = lba
+    runs.append((start, prev - start + 1))
     return runs
 
 
@@ -86,14 +94,15 @@ class Flusher:
         t0 = time.monotonic()
         vol = self.volume
         cut = vol.flush_cut()
-        dirty = sorted(vol.dirty_upto(cut))
+        # The store must never hold a write the local WAL could still lose:
+        # after a power cut the cache would then be older than the store, and
+        # a block would change value when evicted and fetched again.
+        vol.flush()
+        # by block number alone (each appears once): cheaper than comparing tuples
+        dirty = sorted(vol.dirty_upto(cut), key=itemgetter(0))
         if not dirty:
             return None
-
-        def as_of_cut(lba: int) -> bytes:
-            return vol.read_block_as_of(lba, cut)
-
-        stats = self._commit(dirty, as_of_cut, cut, t0)
+        stats = self._commit(dirty, cut, cut, t0)
         vol.checkpoint(cut)
         return stats
 
@@ -105,53 +114,68 @@ class Flusher:
         local = self.volume.local_only_blocks()
         if not local:
             return None
-        vol = self.volume
-
-        def current(lba: int) -> bytes:
-            return vol.read(lba * BLOCK, BLOCK)
-
-        return self._commit([(lba, _native.WAL_KIND_DATA) for lba in local], current,
+        # These blocks are CLEAN, not versions in the WAL: read what the
+        # cache file holds now rather than as of a cut.
+        return self._commit([(lba, _native.WAL_KIND_DATA) for lba in local], AS_OF_CURRENT,
                             self.manifest.root.cut_seq, t0)
 
-    def _commit(self, blocks: list[tuple[int, int]], read: Callable[[int], bytes], cut: int,
+    def _commit(self, blocks: list[tuple[int, int]], as_of: int, cut: int,
                 t0: float) -> FlushStats:
         vol = self.volume
-        changes: dict[int, Location | None] = {}
+        data_kind = _native.WAL_KIND_DATA
+        # Zeroed and trimmed blocks are never stored: the manifest maps them
+        # to zeros. Data blocks that turn out to be all zeros join them.
+        changes: dict[int, Location | None] = dict.fromkeys(
+            (lba for lba, kind in blocks if kind != data_kind), None)
+        data = [lba for lba, kind in blocks if kind == data_kind]
+        # pack_target counts raw input: a pack's size is only known once
+        # built, and at most pack_target/4096 entries keeps it under target.
+        per_pack = max(1, self.pack_target // BLOCK)
+        chunks = [data[i: i + per_pack] for i in range(0, len(data), per_pack)]
         stored: list[int] = []
         packs = pack_bytes = 0
-        writer = PackWriter()
-        pending: list[tuple[int, int]] = []  # (lba, entry) in the open pack
+        # Packs waiting for upload are bounded, so a slow store holds back the
+        # builder instead of letting finished packs pile up in memory.
+        max_pending = self.upload_workers + 1
 
-        with ThreadPoolExecutor(self.upload_workers, thread_name_prefix="pack-upload") as pool:
-            uploads = []
+        def build(lbas: list[int]) -> tuple[FinishedPack | None, list[int]]:
+            return build_pack(vol, lbas, as_of, threads=BUILD_THREADS)
 
-            def seal() -> None:
-                nonlocal writer, pending, packs, pack_bytes
-                if not pending:
-                    return
-                fp = writer.finish()
-                uploads.append(pool.submit(self.store.put, fp.object_key, fp.data))
-                for lba, entry in pending:
-                    changes[lba] = Location.in_pack(fp, entry)
-                packs += 1
-                pack_bytes += len(fp.data)
-                writer, pending = PackWriter(), []
-
-            for lba, kind in blocks:
-                if kind != _native.WAL_KIND_DATA:
-                    changes[lba] = None  # zeros are never stored
-                    continue
-                data = read(lba)
-                if data == ZERO_BLOCK:
-                    changes[lba] = None
-                    continue
-                pending.append((lba, writer.add(data)))
-                stored.append(lba)
-                if writer.size >= self.pack_target:
-                    seal()
-            seal()
-            for f in uploads:
-                f.result()  # an upload error ends the cycle before any commit
+        # Three stages overlap: the C builder (its own threads, no GIL) makes
+        # pack N+1 while this thread records pack N's locations and the
+        # upload pool writes the packs before it.
+        with ThreadPoolExecutor(1, thread_name_prefix="pack-build") as builder, \
+                ThreadPoolExecutor(self.upload_workers, thread_name_prefix="pack-upload") as pool:
+            uploads: deque[Future[str]] = deque()
+            building = builder.submit(build, chunks[0]) if chunks else None
+            try:
+                for n, lbas in enumerate(chunks):
+                    assert building is not None
+                    fp, entries = building.result()
+                    building = builder.submit(build, chunks[n + 1]) if n + 1 < len(chunks) else None
+                    if fp is None:  # every block of the chunk was zeros
+                        changes.update(dict.fromkeys(lbas, None))
+                        continue
+                    while len(uploads) >= max_pending:
+                        uploads.popleft().result()
+                    uploads.append(pool.submit(self.store.put, fp.object_key, fp.data))
+                    packs += 1
+                    pack_bytes += len(fp.data)
+                    key, ioff, ilen = fp.key, fp.index_offset, fp.index_length
+                    for lba, entry in zip(lbas, entries, strict=True):
+                        if entry < 0:
+                            changes[lba] = None
+                        else:
+                            changes[lba] = Location(key, ioff, ilen, entry)
+                            stored.append(lba)
+                while uploads:
+                    uploads.popleft().result()  # an upload error ends the cycle before any commit
+            except BaseException:
+                if building is not None:
+                    building.cancel()
+                for f in uploads:
+                    f.cancel()
+                raise
 
         self.manifest.apply(changes)
         self.manifest.commit(self.store, cut_seq=cut)

@@ -1,10 +1,12 @@
 """Packs: immutable, content-addressed objects holding compressed 4 KiB blocks.
 
-Owns the pack byte format (below), its writer (`PackWriter`), its strict
+Owns the pack byte format (below), its writers (`PackWriter`, and
+`build_pack` over the C builder in native/pack_build.c), its strict
 decoders (`decode_header`, `decode_footer`, `PackIndex.decode`, `parse_pack`,
 `decode_block`) and the few store reads a fetcher needs (`read_index`,
 `read_block`, `read_blocks`, `coalesce_ranges`, `read_footer`). Apart from those
-reads, which go through an `ObjectStore` passed in, everything here is pure.
+reads, which go through an `ObjectStore` passed in, and `build_pack`, which
+reads a volume, everything here is pure.
 
 A pack lives at `packs/<key>` (`pack_object_key`), key = hex xxh3-128 of the
 whole pack bytes, shared by every volume. Each block is compressed on its own,
@@ -64,7 +66,7 @@ from __future__ import annotations
 
 import struct
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, NamedTuple
 
@@ -72,6 +74,7 @@ import xxhash
 import zstandard
 
 if TYPE_CHECKING:
+    from glide import _native
     from glide.store.base import ObjectStore
 
 BLOCK_SIZE: Final = 4096
@@ -85,6 +88,9 @@ MAX_GET_BYTES: Final = 64 * 1024
 # 16-32 MiB packs the flusher cuts.
 MAX_ENTRIES: Final = 1 << 20
 DEFAULT_LEVEL: Final = 1
+# `build_pack(..., as_of=AS_OF_CURRENT)` reads what the volume holds now
+# rather than as of a cut (the C read path's "newest version" sentinel).
+AS_OF_CURRENT: Final = (1 << 64) - 1
 
 FLAG_RAW: Final = 0x0001
 KNOWN_FLAGS: Final = FLAG_RAW
@@ -315,6 +321,41 @@ class PackWriter:
             entries=count,
             index=PackIndex.decode(index, index_offset=index_offset),
         )
+
+
+def build_pack(volume: _native.Volume, lbas: Sequence[int], as_of: int, *,
+               level: int = DEFAULT_LEVEL, threads: int = 2,
+               verify: bool = False) -> tuple[FinishedPack | None, list[int]]:
+    """Packs `lbas` of `volume` as of WAL sequence `as_of` (`AS_OF_CURRENT`:
+    the current content) with the C builder (native/pack_build.c): the same
+    bytes rules as `PackWriter`, built on `threads` threads without the GIL.
+
+    Returns the pack (None when every block is zero, or `lbas` is empty) and,
+    per lba, its entry number or -1 for a zero block (never stored). The
+    index is taken as the builder laid it out; `verify=True` runs the strict
+    decoders over the whole structure first (tests, fsck), which costs a
+    Python loop per entry."""
+    # Here, not at the top: the codec half of this module (decoders, store
+    # reads) must import without the C extension.
+    from glide import _native
+
+    data, entries = _native.build_pack(volume, lbas, as_of, level, threads)
+    if not data:
+        return None, entries
+    footer = decode_footer(data[-FOOTER_SIZE:], len(data))
+    if verify:
+        index = parse_pack(data)
+    else:
+        raw = data[footer.index_offset: footer.index_offset + footer.index_length]
+        index = PackIndex(raw, footer.entries, footer.index_offset)
+    return FinishedPack(
+        key=xxhash.xxh3_128_hexdigest(data),
+        data=data,
+        index_offset=footer.index_offset,
+        index_length=footer.index_length,
+        entries=footer.entries,
+        index=index,
+    ), entries
 
 
 def _footer_check(footer_body: bytes) -> int:

@@ -22,6 +22,7 @@ struct block_index {
     uint64_t used;
     struct block_version *vers;
     uint32_t vcap, vtop, vfree, vlive;
+    uint64_t cached; /* blocks whose base is CLEAN */
 };
 
 static uint64_t hash64(uint64_t x) {
@@ -59,12 +60,27 @@ void block_index_destroy(struct block_index *bi) {
 
 uint64_t block_index_nblocks(const struct block_index *bi) { return bi->nblocks; }
 uint8_t block_index_state(const struct block_index *bi, uint64_t lba) { return bi->state[lba]; }
+const uint8_t *block_index_states(const struct block_index *bi) { return bi->state; }
+uint64_t block_index_cached_count(const struct block_index *bi) { return bi->cached; }
+
 void block_index_set_base(struct block_index *bi, uint64_t lba, uint8_t base) {
-    bi->state[lba] = (uint8_t)((bi->state[lba] & ~BLOCK_BASE_MASK) | (base & BLOCK_BASE_MASK));
+    uint8_t old = bi->state[lba];
+    base &= BLOCK_BASE_MASK;
+    uint8_t s = (uint8_t)((old & ~BLOCK_BASE_MASK) | base);
+    if (base != BLOCK_CLEAN) s &= (uint8_t)~BLOCK_REFERENCED;
+    int was = (old & BLOCK_BASE_MASK) == BLOCK_CLEAN, is = base == BLOCK_CLEAN;
+    if (is && !was) bi->cached++;
+    else if (was && !is) bi->cached--;
+    /* Leave untouched pages of the calloc'd array unwritten (never faulted in). */
+    if (s != old) bi->state[lba] = s;
 }
 void block_index_set_remote(struct block_index *bi, uint64_t lba, int on) {
     if (on) bi->state[lba] |= BLOCK_REMOTE;
-    else bi->state[lba] &= (uint8_t)~BLOCK_REMOTE;
+    else if (bi->state[lba] & BLOCK_REMOTE) bi->state[lba] &= (uint8_t)~BLOCK_REMOTE;
+}
+void block_index_set_referenced(struct block_index *bi, uint64_t lba, int on) {
+    if (on) bi->state[lba] |= BLOCK_REFERENCED;
+    else if (bi->state[lba] & BLOCK_REFERENCED) bi->state[lba] &= (uint8_t)~BLOCK_REFERENCED;
 }
 uint64_t block_index_dirty_count(const struct block_index *bi) { return bi->used; }
 uint64_t block_index_version_count(const struct block_index *bi) { return bi->vlive; }

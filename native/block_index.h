@@ -1,11 +1,15 @@
 /* block_index.h — the per-volume map of block states and dirty versions.
  *
  * Each block has one state byte: a base state (what the cache file or the
- * store holds for it as of the last checkpoint) and a DIRTY flag. A dirty block
- * also has a chain of versions, newest first, each naming the WAL record that
- * holds it (segment, byte offset of the block's data, sequence number). Keeping
- * every version newer than the last checkpoint is what lets a flusher read a
- * block "as of" a sequence number while later writes keep landing.
+ * store holds for it as of the last checkpoint) and flags. Layout:
+ *   bits 0-1 base (ABSENT, CLEAN, ZERO)   bit 3 REMOTE      (persisted)
+ *   bit 2    DIRTY (rebuilt by replay)    bit 4 REFERENCED  (CLOCK, volatile)
+ *   bits 5-7 spare
+ * A dirty block also has a chain of versions, newest first, each naming the
+ * WAL record that holds it (segment, byte offset of the block's data, sequence
+ * number). Keeping every version newer than the last checkpoint is what lets
+ * a flusher read a block "as of" a sequence number while later writes keep
+ * landing.
  *
  * Not thread-safe: the owning volume serialises access with its index mutex.
  * Memory: the state array is calloc'd (untouched pages are never faulted in),
@@ -27,6 +31,11 @@ enum block_base {
 /* The object store's committed manifest holds non-zero content for the block:
  * an ABSENT block with REMOTE is fetched on read, one without reads as zeros. */
 #define BLOCK_REMOTE 0x8
+/* CLOCK's referenced bit: set when a read is served from the cache file or the
+ * block is installed, cleared by the eviction hand as it passes. Only meaningful
+ * while the base is CLEAN (set_base clears it otherwise); never persisted, so a
+ * restarted volume starts with every block unreferenced. Bits 5-7 are spare. */
+#define BLOCK_REFERENCED 0x10
 /* What the state file keeps per block (DIRTY is rebuilt by replay). */
 #define BLOCK_PERSISTED_MASK (BLOCK_BASE_MASK | BLOCK_REMOTE)
 
@@ -47,8 +56,15 @@ void block_index_destroy(struct block_index *bi);
 
 uint64_t block_index_nblocks(const struct block_index *bi);
 uint8_t block_index_state(const struct block_index *bi, uint64_t lba);
+/* The whole state array, for bulk scans (state file encoding, the eviction
+ * hand) that would otherwise cost a call per block. Read-only. */
+const uint8_t *block_index_states(const struct block_index *bi);
 void block_index_set_base(struct block_index *bi, uint64_t lba, uint8_t base);
 void block_index_set_remote(struct block_index *bi, uint64_t lba, int on);
+void block_index_set_referenced(struct block_index *bi, uint64_t lba, int on);
+/* Blocks whose base is CLEAN, dirty or not: what the cache file holds. Kept
+ * by set_base, so it costs nothing to read. */
+uint64_t block_index_cached_count(const struct block_index *bi);
 
 /* Record a new version (inserted in sequence order, so concurrent writers that
  * update the index out of order still leave the newest on top). -1 on ENOMEM. */

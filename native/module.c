@@ -14,6 +14,7 @@
 #include "glide_common.h"
 #include "nbd_conn.h"
 #include "nbd_proto.h"
+#include "pack_build.h"
 #include "ublk.h"
 #include "volume.h"
 #include "wal_record.h"
@@ -353,6 +354,18 @@ static PyObject *Volume_evict(VolumeObject *self, PyObject *args) {
     return PyLong_FromUnsignedLongLong(evicted);
 }
 
+static PyObject *Volume_evict_to(VolumeObject *self, PyObject *args) {
+    unsigned long long max_cached;
+    if (!PyArg_ParseTuple(args, "K", &max_cached) || check_open(self)) return NULL;
+    uint64_t evicted = 0;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = volume_evict_to(self->v, max_cached, &evicted);
+    Py_END_ALLOW_THREADS
+    if (rc) return raise_errno(rc, "evict_to");
+    return PyLong_FromUnsignedLongLong(evicted);
+}
+
 static PyObject *Volume_flush_cut(VolumeObject *self, PyObject *Py_UNUSED(ignored)) {
     if (check_open(self)) return NULL;
     uint64_t cut = 0;
@@ -423,10 +436,11 @@ static PyObject *Volume_local_only_blocks(VolumeObject *self, PyObject *Py_UNUSE
 static PyObject *Volume_stats(VolumeObject *self, PyObject *Py_UNUSED(ignored)) {
     if (check_open(self)) return NULL;
     struct volume *v = self->v;
-    uint64_t dirty, versions;
+    uint64_t dirty, versions, cached;
     pthread_mutex_lock(&v->idx_mu);
     dirty = block_index_dirty_count(v->bi);
     versions = block_index_version_count(v->bi);
+    cached = block_index_cached_count(v->bi);
     pthread_mutex_unlock(&v->idx_mu);
     pthread_mutex_lock(&v->wal.mu);
     uint64_t wal_bytes = v->wal.live_bytes, last = v->wal.next_seq - 1, charge = volume_charge(v);
@@ -437,7 +451,7 @@ static PyObject *Volume_stats(VolumeObject *self, PyObject *Py_UNUSED(ignored)) 
 #define U(x) (unsigned long long)(x)
     return Py_BuildValue(
         "{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:i,s:i,"
-        "s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}",
+        "s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}",
         "size", U(v->size), "dirty_blocks", U(dirty), "versions", U(versions), "wal_bytes", U(wal_bytes),
         "charge", U(charge), "budget", U(v->wal_budget), "last_seq", U(last), "synced_seq", U(synced),
         "checkpoint_seq", U(v->checkpoint_seq), "reads", U(v->st.reads), "writes", U(v->st.writes),
@@ -447,7 +461,8 @@ static PyObject *Volume_stats(VolumeObject *self, PyObject *Py_UNUSED(ignored)) 
         "connections", nbd_conn_count(v), "failed", atomic_load(&v->failed),
         "replayed_records", U(v->replay.applied), "replay_discarded_bytes", U(v->replay.discarded_bytes),
         "replay_segments", U(v->replay.segments), "errors", U(v->st.errors), "misses", U(v->misses),
-        "installs", U(v->installs), "fetch_failures", U(v->fetch_failures), "evictions", U(v->evictions));
+        "installs", U(v->installs), "fetch_failures", U(v->fetch_failures), "evictions", U(v->evictions),
+        "cached_blocks", U(cached));
 #undef U
 }
 
@@ -487,6 +502,8 @@ static PyMethodDef Volume_methods[] = {
      "install(lba, block): a fetched, verified block; parked reads run again"},
     {"fail_miss", (PyCFunction)Volume_fail_miss, METH_VARARGS, "fail_miss(lba, errno=EIO): parked reads fail"},
     {"evict", (PyCFunction)Volume_evict, METH_VARARGS, "evict(lba, n) -> evicted: CLEAN blocks the store holds"},
+    {"evict_to", (PyCFunction)Volume_evict_to, METH_VARARGS,
+     "evict_to(max_cached_blocks) -> evicted: CLOCK sweep until at most that many blocks are cached"},
     {"flush_cut", (PyCFunction)Volume_flush_cut, METH_NOARGS, "Seal the WAL for a flush; returns the cut seq"},
     {"dirty_upto", (PyCFunction)Volume_dirty_upto, METH_VARARGS,
      "dirty_upto(cut) -> [(lba, kind)]: blocks whose newest version <= cut"},
@@ -599,10 +616,77 @@ static PyObject *py_unshare_mounts(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a
     Py_RETURN_NONE;
 }
 
+/* ---- the flusher's pack builder ---- */
+
+static PyObject *py_build_pack(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"volume", "lbas", "as_of", "level", "threads", NULL};
+    PyObject *vol, *seq;
+    unsigned long long as_of;
+    int level = 1, threads = 2;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!OK|ii", kwlist, &VolumeType, &vol, &seq, &as_of, &level,
+                                     &threads))
+        return NULL;
+    VolumeObject *self = (VolumeObject *)vol;
+    if (check_open(self)) return NULL;
+    if (!pack_build_level_ok(level)) return PyErr_Format(PyExc_ValueError, "zstd level %d out of range", level);
+    if (threads < 1 || threads > PACK_MAX_THREADS)
+        return PyErr_Format(PyExc_ValueError, "threads must be 1..%d", PACK_MAX_THREADS);
+    PyObject *fast = PySequence_Fast(seq, "lbas must be a sequence of block numbers");
+    if (!fast) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    if ((size_t)n > PACK_MAX_ENTRIES) {
+        Py_DECREF(fast);
+        return PyErr_Format(PyExc_ValueError, "a pack holds at most %u blocks", PACK_MAX_ENTRIES);
+    }
+    uint64_t *lbas = PyMem_RawMalloc((size_t)(n ? n : 1) * sizeof *lbas);
+    if (!lbas) { Py_DECREF(fast); return PyErr_NoMemory(); }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned long long x = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(fast, i));
+        if (x == (unsigned long long)-1 && PyErr_Occurred()) { Py_DECREF(fast); PyMem_RawFree(lbas); return NULL; }
+        if (x >= self->v->nblocks) {
+            Py_DECREF(fast);
+            PyMem_RawFree(lbas);
+            return PyErr_Format(PyExc_ValueError, "lba %llu is past the end of the volume", x);
+        }
+        lbas[i] = x;
+    }
+    Py_DECREF(fast);
+    struct pack_build *pb;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = pack_build_run(self->v, lbas, (size_t)n, as_of, level, threads, &pb);
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(lbas);
+    if (rc) return raise_errno(rc, "build_pack");
+    /* Sized exactly, so the pack is laid out once, straight into the bytes. */
+    PyObject *data = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)pack_build_size(pb));
+    PyObject *entries = data ? PyList_New(n) : NULL;
+    if (entries) {
+        char *out = PyBytes_AS_STRING(data);
+        Py_BEGIN_ALLOW_THREADS
+        pack_build_emit(pb, (uint8_t *)out);
+        Py_END_ALLOW_THREADS
+        const int32_t *e = pack_build_entries(pb);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *x = PyLong_FromLong(e[i]);
+            if (!x) { Py_CLEAR(entries); break; }
+            PyList_SET_ITEM(entries, i, x);
+        }
+    }
+    Py_BEGIN_ALLOW_THREADS
+    pack_build_free(pb);
+    Py_END_ALLOW_THREADS
+    if (!entries) { Py_XDECREF(data); return NULL; }
+    return Py_BuildValue("(NN)", data, entries);
+}
+
 static PyMethodDef module_methods[] = {
     {"ublk_probe", py_ublk_probe, METH_NOARGS, "ublk_probe() -> (available, reason)"},
     {"unshare_mounts", py_unshare_mounts, METH_NOARGS, "Private mount namespace (call before threads)."},
     {"crc32c", py_crc32c, METH_VARARGS, "crc32c(data, crc=0, software=False)"},
+    {"build_pack", (PyCFunction)(void (*)(void))py_build_pack, METH_VARARGS | METH_KEYWORDS,
+     "build_pack(volume, lbas, as_of, level=1, threads=2) -> (pack bytes, [entry or -1 per lba]); "
+     "b'' when no block needs storing. as_of=2**64-1 reads the current content."},
     {"encode_wal_record", py_encode_wal_record, METH_VARARGS, "encode_wal_record(kind, seq, lba, nblocks, data=b'')"},
     {"decode_wal_record", py_decode_wal_record, METH_VARARGS, "decode_wal_record(buf) -> dict | None"},
     {"check_nbd_request", py_check_nbd_request, METH_VARARGS,

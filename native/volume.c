@@ -81,26 +81,46 @@ static int get_varint(const uint8_t *p, size_t len, size_t *pos, uint64_t *x) {
     return -1;
 }
 
-/* bases: one persisted state per block (base state and REMOTE, no DIRTY). */
-static int write_state_file(struct volume *v, const uint8_t *bases, uint64_t ckpt_seq, uint64_t *bytes_out) {
-    size_t cap = STATE_HDR + 4 + 64, len = STATE_HDR;
-    uint8_t *buf = malloc(cap);
-    if (!buf) return -ENOMEM;
+/* The runs of a state file, encoded from the index while the caller holds
+ * idx_mu (or owns the index alone): one pass, and memory in proportion to the
+ * runs rather than to the volume. The header and CRC are filled in by
+ * write_state_file, outside the lock. */
+struct state_image {
+    uint8_t *buf;
+    size_t len, cap;
+};
+
+static int encode_state(struct volume *v, struct state_image *img) {
+    img->cap = STATE_HDR + 4 + 64;
+    img->len = STATE_HDR;
+    img->buf = malloc(img->cap);
+    if (!img->buf) return -ENOMEM;
+    const uint8_t *st = block_index_states(v->bi);
     uint64_t i = 0;
     while (i < v->nblocks) {
+        uint8_t code = st[i] & BLOCK_PERSISTED_MASK;
         uint64_t j = i + 1;
-        while (j < v->nblocks && bases[j] == bases[i]) j++;
-        if (len + 16 + 4 > cap) {
-            cap *= 2;
-            uint8_t *nb = realloc(buf, cap);
-            if (!nb) { free(buf); return -ENOMEM; }
-            buf = nb;
+        while (j < v->nblocks && (st[j] & BLOCK_PERSISTED_MASK) == code) j++;
+        if (img->len + 16 + 4 > img->cap) {
+            uint8_t *nb = realloc(img->buf, img->cap * 2);
+            if (!nb) { free(img->buf); img->buf = NULL; return -ENOMEM; }
+            img->buf = nb;
+            img->cap *= 2;
         }
         /* 3 bits per run: base state in bits 0-1, REMOTE in bit 2 */
-        uint64_t code = (bases[i] & BLOCK_BASE_MASK) | ((bases[i] & BLOCK_REMOTE) ? 4u : 0u);
-        len += put_varint(buf + len, ((j - i) << 3) | code);
+        uint64_t c3 = (code & BLOCK_BASE_MASK) | ((code & BLOCK_REMOTE) ? 4u : 0u);
+        img->len += put_varint(img->buf + img->len, ((j - i) << 3) | c3);
         i = j;
     }
+    return 0;
+}
+
+/* Atomic replacement: temp file, fsync, rename, fsync the directory. The
+ * caller holds ckpt_mu (checkpoints and eviction batches both come here).
+ * Consumes img. */
+static int write_state_file(struct volume *v, struct state_image *img, uint64_t ckpt_seq, uint64_t *bytes_out) {
+    uint8_t *buf = img->buf;
+    size_t len = img->len;
     memset(buf, 0, STATE_HDR);
     put_le32(buf, STATE_MAGIC);
     put_le32(buf + 4, STATE_VERSION);
@@ -131,6 +151,7 @@ static int write_state_file(struct volume *v, const uint8_t *bases, uint64_t ckp
     if (bytes_out) *bytes_out = len;
 out:
     free(buf);
+    img->buf = NULL;
     return rc;
 }
 
@@ -221,7 +242,15 @@ int volume_open(const struct volume_config *cfg, struct volume **out, char *err,
     pthread_mutex_init(&v->conn_mu, NULL);
     pthread_cond_init(&v->conn_cv, NULL);
     pthread_cond_init(&v->space_cv, NULL);
-    pthread_rwlock_init(&v->evict_rw, NULL);
+    /* Writer-preferring: with glibc's default (readers first) a steady stream
+     * of reads could keep eviction from ever getting the lock. No reader takes
+     * evict_rw twice, so the non-recursive kind is safe. */
+    pthread_rwlockattr_t rwa;
+    pthread_rwlockattr_init(&rwa);
+    pthread_rwlockattr_setkind_np(&rwa, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&v->evict_rw, &rwa);
+    pthread_rwlockattr_destroy(&rwa);
+    pthread_mutex_init(&v->evict_mu, NULL);
     pthread_mutex_init(&v->miss_mu, NULL);
     v->miss_efd = -1;
     int rc;
@@ -252,10 +281,9 @@ int volume_open(const struct volume_config *cfg, struct volume **out, char *err,
         /* A new volume. The state file is written before any WAL exists, so a
          * WAL without a state file never happens. */
         if (getrandom(v->volume_id, sizeof v->volume_id, 0) != sizeof v->volume_id) { rc = -EIO; goto fail; }
-        uint8_t *bases = calloc(v->nblocks, 1);
-        if (!bases) { rc = -ENOMEM; goto fail; }
-        rc = write_state_file(v, bases, 0, NULL);
-        free(bases);
+        struct state_image img;
+        rc = encode_state(v, &img); /* all ABSENT: one run */
+        if (!rc) rc = write_state_file(v, &img, 0, NULL);
         if (rc) { snprintf(err, errlen, "cannot write state file in %s: %s", v->dir, strerror(-rc)); goto fail; }
     } else if (rc) {
         if (!err[0]) snprintf(err, errlen, "cannot read state file in %s: %s", v->dir, strerror(-rc));
@@ -505,7 +533,10 @@ struct plan_entry {
     uint64_t off;
 };
 
-static void plan_block(struct volume *v, uint64_t lba, const struct block_version *ver, struct plan_entry *p) {
+/* touch: a guest read (not the flusher's as-of read), which marks a block
+ * served from the cache file as referenced for the CLOCK sweep. */
+static void plan_block(struct volume *v, uint64_t lba, const struct block_version *ver, struct plan_entry *p,
+                       int touch) {
     if (ver) {
         if (ver->kind == WAL_KIND_DATA) {
             p->kind = SRC_WAL;
@@ -519,7 +550,11 @@ static void plan_block(struct volume *v, uint64_t lba, const struct block_versio
     }
     uint8_t st = block_index_state(v->bi, lba);
     uint8_t base = st & BLOCK_BASE_MASK;
-    if (base == BLOCK_CLEAN) { p->kind = SRC_CACHE; p->off = lba * GLIDE_BLOCK_SIZE; }
+    if (base == BLOCK_CLEAN) {
+        p->kind = SRC_CACHE;
+        p->off = lba * GLIDE_BLOCK_SIZE;
+        if (touch && !(st & BLOCK_REFERENCED)) block_index_set_referenced(v->bi, lba, 1);
+    }
     else if (base == BLOCK_ABSENT && (st & BLOCK_REMOTE)) p->kind = SRC_MISS;
     else p->kind = SRC_ZERO;
 }
@@ -632,7 +667,7 @@ static int read_blocks(struct volume *v, uint64_t lba, uint64_t nblocks, uint8_t
         for (int i = 0; i < n; i++) {
             const struct block_version *ver = as_of == UINT64_MAX ? block_index_latest(v->bi, lba + i)
                                                                   : block_index_as_of(v->bi, lba + i, as_of);
-            plan_block(v, lba + i, ver, &plan[i]);
+            plan_block(v, lba + i, ver, &plan[i], as_of == UINT64_MAX);
             if (plan[i].kind == SRC_MISS) {
                 int rc = miss_register(v, lba + i, first_miss < 0 ? w : NULL);
                 if (rc) {
@@ -843,6 +878,18 @@ static int write_back(struct volume *v, struct wb_list *l, struct checkpoint_sta
     return rc;
 }
 
+/* Installs pwrite the cache file without syncing it, so a state file may
+ * record an installed block as CLEAN only once an fdatasync has covered the
+ * install. `seen` is the install count read under idx_mu together with the
+ * snapshot about to be persisted: every install it counts has done its
+ * pwrite. Caller holds ckpt_mu. */
+static int sync_installs(struct volume *v, uint64_t seen) {
+    if (seen == v->synced_installs) return 0;
+    if (fdatasync(v->cache_fd) < 0) return -errno;
+    v->synced_installs = seen;
+    return 0;
+}
+
 int volume_checkpoint(struct volume *v, uint64_t upto, struct checkpoint_stats *st) {
     memset(st, 0, sizeof *st);
     int rc = atomic_load(&v->failed);
@@ -855,7 +902,27 @@ int volume_checkpoint(struct volume *v, uint64_t upto, struct checkpoint_stats *
     if (rc) goto out;
     if (upto < cut) cut = upto;
     st->cut_seq = cut;
-    if (cut <= v->checkpoint_seq) goto out;
+    if (cut <= v->checkpoint_seq) {
+        /* Nothing to write back, but REMOTE bits set since the last state
+         * file (a cold open marking what the store holds) must still be made
+         * durable: a restart that forgot them would read those blocks as zeros. */
+        pthread_mutex_lock(&v->idx_mu);
+        int changed = v->remote_changed;
+        struct state_image img = {0};
+        uint64_t installs = 0;
+        if (changed) {
+            rc = encode_state(v, &img);
+            installs = atomic_load(&v->installs);
+            if (!rc) v->remote_changed = 0;
+        }
+        pthread_mutex_unlock(&v->idx_mu);
+        if (!changed || rc) goto out;
+        rc = sync_installs(v, installs);
+        if (!rc) rc = write_state_file(v, &img, v->checkpoint_seq, &st->state_bytes);
+        else free(img.buf);
+        if (rc) set_failed(v, -rc);
+        goto out;
+    }
     crash_point("checkpoint-after-cut");
 
     /* 1. the records being written back must be durable before the cache file
@@ -876,22 +943,29 @@ int volume_checkpoint(struct volume *v, uint64_t upto, struct checkpoint_stats *
     free(l.items);
     if (rc) { set_failed(v, -rc); goto out; }
     crash_point("checkpoint-after-writeback");
+    uint64_t installs = atomic_load(&v->installs);
     if (fdatasync(v->cache_fd) < 0) { rc = -errno; set_failed(v, errno); goto out; }
+    v->synced_installs = installs;
     crash_point("checkpoint-after-cache-sync");
 
     /* 3. forget versions <= cut and snapshot the base states as of cut */
-    uint8_t *bases = malloc(v->nblocks);
-    if (!bases) { rc = -ENOMEM; goto out; }
+    struct state_image img;
     pthread_mutex_lock(&v->idx_mu);
     uint64_t before = block_index_version_count(v->bi);
     block_index_drop_upto(v->bi, cut);
     atomic_fetch_sub(&v->nversions, before - block_index_version_count(v->bi));
-    for (uint64_t i = 0; i < v->nblocks; i++) bases[i] = block_index_state(v->bi, i) & BLOCK_PERSISTED_MASK;
+    rc = encode_state(v, &img);
+    installs = atomic_load(&v->installs);
+    if (!rc) v->remote_changed = 0;
     pthread_mutex_unlock(&v->idx_mu);
+    /* Dropped versions with no state file written are harmless: the blocks'
+     * data is in the synced cache file and the WAL still holds them all. */
+    if (rc) goto out;
 
     /* 4. persist, then the WAL up to cut is no longer needed */
-    rc = write_state_file(v, bases, cut, &st->state_bytes);
-    free(bases);
+    rc = sync_installs(v, installs);
+    if (!rc) rc = write_state_file(v, &img, cut, &st->state_bytes);
+    else free(img.buf);
     if (rc) { set_failed(v, -rc); goto out; }
     crash_point("checkpoint-after-state");
     v->checkpoint_seq = cut;
@@ -915,6 +989,7 @@ void volume_set_remote(struct volume *v, uint64_t lba, uint64_t n, int on) {
     if (n > v->nblocks - lba) n = v->nblocks - lba;
     pthread_mutex_lock(&v->idx_mu);
     for (uint64_t i = 0; i < n; i++) block_index_set_remote(v->bi, lba + i, on);
+    v->remote_changed = 1;
     pthread_mutex_unlock(&v->idx_mu);
 }
 
@@ -947,6 +1022,9 @@ int volume_install(struct volume *v, uint64_t lba, const void *data) {
         rc = pwrite_full(v->cache_fd, data, GLIDE_BLOCK_SIZE, lba * GLIDE_BLOCK_SIZE);
         if (!rc) {
             block_index_set_base(v->bi, lba, BLOCK_CLEAN);
+            block_index_set_referenced(v->bi, lba, 1); /* a read is waiting for it */
+            /* counted under idx_mu: a state snapshot taken under idx_mu knows
+             * exactly which installs it may record as CLEAN (sync_installs) */
             atomic_fetch_add(&v->installs, 1);
         }
     }
@@ -960,26 +1038,195 @@ void volume_fail_miss(struct volume *v, uint64_t lba, int err) {
     miss_fire(miss_resolve(v, lba), err ? err : EIO);
 }
 
+/* ---------- eviction ---------- */
+
+#define EVICT_BATCH 4096u    /* blocks per state file write: bounds lock holds, amortizes the fsyncs */
+#define EVICT_SCAN (1u << 16) /* state bytes looked at per idx_mu hold while choosing */
+
+static int evictable(uint8_t st) {
+    return !(st & BLOCK_DIRTY) && (st & BLOCK_BASE_MASK) == BLOCK_CLEAN && (st & BLOCK_REMOTE);
+}
+
+/* Punch one run of blocks: one syscall, errors reported but harmless (the
+ * blocks are ABSENT either way and will be refetched). */
+static int punch(struct volume *v, uint64_t lba, uint64_t n) {
+    if (fallocate(v->cache_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)(lba * GLIDE_BLOCK_SIZE),
+                  (off_t)(n * GLIDE_BLOCK_SIZE)) < 0)
+        return -errno;
+    return 0;
+}
+
+/* Evict those of lbas[0..n) (ascending) that are still evictable (and, with
+ * skip_referenced, not referenced since they were chosen). Caller holds
+ * ckpt_mu for the whole call.
+ *
+ * Crash ordering (invariant 4). A state file that says CLEAN over a hole is
+ * the one thing that must never exist: a restarted volume would trust it and
+ * serve the hole as zeros. So:
+ *   1. under evict_rw (exclusive) and idx_mu, the blocks become ABSENT in
+ *      memory; the exclusive lock waits out every read that planned "cache
+ *      file" for them, and every later read parks as a miss instead;
+ *   2. still under idx_mu, the runs of the state file are encoded from the
+ *      index, so they say ABSENT for these blocks (and CLEAN for any block
+ *      installed so far, whose bytes sync_installs makes durable first);
+ *   3. the state file is replaced atomically and durably (write_state_file);
+ *   4. only then are the holes punched.
+ * A crash before 3 completes leaves the old state file (CLEAN) over intact
+ * bytes; a crash after it leaves ABSENT blocks whose bytes may or may not be
+ * punched yet: either way they are refetched, never read as a hole.
+ *
+ * Why ckpt_mu across all four steps: a checkpoint also writes the state file,
+ * from a snapshot it takes under idx_mu; interleaved with steps 1-3 it could
+ * write its older snapshot (CLEAN) after ours (ABSENT) and step 4 would then
+ * punch under a CLEAN state file. Holding ckpt_mu until step 4 is done also
+ * keeps a checkpoint's write-back from putting a block written after step 1
+ * into the cache file before we punch it.
+ *
+ * Between 1 and 4 a read may miss on a block and the fetcher install it
+ * again (CLEAN, fresh bytes). The punch therefore re-checks each block under
+ * idx_mu, which install also holds for its pwrite, and skips blocks that are
+ * no longer ABSENT. A block written meanwhile (DIRTY, base ABSENT) is punched:
+ * its data is in the WAL and its base still says the cache file holds nothing. */
+static int evict_commit(struct volume *v, uint64_t *lbas, size_t n, int skip_referenced, uint64_t *evicted) {
+    int rc = atomic_load(&v->failed);
+    if (rc) return -rc;
+    struct state_image img = {0};
+    uint64_t installs = 0;
+    size_t k = 0;
+    pthread_rwlock_wrlock(&v->evict_rw);
+    pthread_mutex_lock(&v->idx_mu);
+    for (size_t i = 0; i < n; i++) {
+        uint8_t st = block_index_state(v->bi, lbas[i]);
+        if (!evictable(st) || (skip_referenced && (st & BLOCK_REFERENCED))) continue;
+        block_index_set_base(v->bi, lbas[i], BLOCK_ABSENT);
+        lbas[k++] = lbas[i];
+    }
+    pthread_rwlock_unlock(&v->evict_rw); /* the drain is done; reads of ABSENT blocks park */
+    if (k) {
+        rc = encode_state(v, &img);
+        installs = atomic_load(&v->installs);
+        if (!rc) v->remote_changed = 0;
+    }
+    pthread_mutex_unlock(&v->idx_mu);
+    if (!k) return 0;
+    if (!rc) rc = sync_installs(v, installs);
+    if (!rc) rc = write_state_file(v, &img, v->checkpoint_seq, NULL);
+    else free(img.buf);
+    if (rc) {
+        /* Nothing punched, and the state file on disk says CLEAN (or, if only
+         * the directory fsync failed, ABSENT: harmless): the bytes are intact,
+         * so blocks still ABSENT can be CLEAN again. */
+        pthread_mutex_lock(&v->idx_mu);
+        for (size_t i = 0; i < k; i++)
+            if ((block_index_state(v->bi, lbas[i]) & BLOCK_BASE_MASK) == BLOCK_ABSENT)
+                block_index_set_base(v->bi, lbas[i], BLOCK_CLEAN);
+        v->remote_changed = 1; /* the snapshot that cleared it never reached the disk */
+        pthread_mutex_unlock(&v->idx_mu);
+        return rc;
+    }
+    crash_point("evict-after-state");
+
+    int prc = 0;
+    for (size_t i = 0; i < k;) {
+        pthread_mutex_lock(&v->idx_mu);
+        if ((block_index_state(v->bi, lbas[i]) & BLOCK_BASE_MASK) != BLOCK_ABSENT) {
+            pthread_mutex_unlock(&v->idx_mu);
+            i++; /* installed again meanwhile: those bytes are live */
+            continue;
+        }
+        size_t j = i + 1;
+        while (j < k && lbas[j] == lbas[j - 1] + 1 &&
+               (block_index_state(v->bi, lbas[j]) & BLOCK_BASE_MASK) == BLOCK_ABSENT)
+            j++;
+        int r = punch(v, lbas[i], j - i);
+        pthread_mutex_unlock(&v->idx_mu);
+        if (r && !prc) prc = r;
+        i = j;
+    }
+    *evicted += k;
+    atomic_fetch_add(&v->evictions, k);
+    return prc;
+}
+
 int volume_evict(struct volume *v, uint64_t lba, uint64_t n, uint64_t *evicted) {
     *evicted = 0;
     if (lba >= v->nblocks) return -EINVAL;
     if (n > v->nblocks - lba) n = v->nblocks - lba;
+    uint64_t *cand = malloc(EVICT_BATCH * sizeof *cand);
+    if (!cand) return -ENOMEM;
+    uint64_t pos = lba, end = lba + n;
     int rc = 0;
-    /* exclusive: no read is between planning "cache file" and its pread */
-    pthread_rwlock_wrlock(&v->evict_rw);
-    pthread_mutex_lock(&v->idx_mu);
-    for (uint64_t i = 0; i < n && !rc; i++) {
-        uint8_t st = block_index_state(v->bi, lba + i);
-        if ((st & BLOCK_DIRTY) || (st & BLOCK_BASE_MASK) != BLOCK_CLEAN || !(st & BLOCK_REMOTE)) continue;
-        block_index_set_base(v->bi, lba + i, BLOCK_ABSENT);
-        if (fallocate(v->cache_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                      (off_t)((lba + i) * GLIDE_BLOCK_SIZE), GLIDE_BLOCK_SIZE) < 0)
-            rc = -errno; /* the block is ABSENT either way: it will be refetched */
-        (*evicted)++;
+    while (!rc && pos < end) {
+        size_t k = 0;
+        while (pos < end && k < EVICT_BATCH) {
+            pthread_mutex_lock(&v->idx_mu);
+            const uint8_t *st = block_index_states(v->bi);
+            for (uint64_t stop = pos + EVICT_SCAN < end ? pos + EVICT_SCAN : end; pos < stop && k < EVICT_BATCH;
+                 pos++)
+                if (evictable(st[pos])) cand[k++] = pos;
+            pthread_mutex_unlock(&v->idx_mu);
+        }
+        if (!k) break;
+        pthread_mutex_lock(&v->ckpt_mu);
+        rc = evict_commit(v, cand, k, 0, evicted);
+        pthread_mutex_unlock(&v->ckpt_mu);
     }
-    pthread_mutex_unlock(&v->idx_mu);
-    pthread_rwlock_unlock(&v->evict_rw);
-    atomic_fetch_add(&v->evictions, *evicted);
+    free(cand);
+    return rc;
+}
+
+static int cmp_u64(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* What counts toward the cache size is every block whose base is CLEAN, i.e.
+ * whose bytes sit in the cache file, DIRTY or not: a dirty block's older base
+ * still occupies its 4 KiB until the next checkpoint overwrites it, and it
+ * cannot be evicted before a flush makes it CLEAN+REMOTE. Dirty blocks whose
+ * base is not CLEAN live only in the WAL (bounded by the WAL budget) and
+ * start to count when a checkpoint writes them back. */
+int volume_evict_to(struct volume *v, uint64_t max_cached, uint64_t *evicted) {
+    *evicted = 0;
+    uint64_t *cand = malloc(EVICT_BATCH * sizeof *cand);
+    if (!cand) return -ENOMEM;
+    pthread_mutex_lock(&v->evict_mu);
+    /* Two full turns of the hand: the first clears every referenced bit it
+     * passes, so the second finds everything evictable that nobody read in
+     * between. Bounding the travel is what ends a call that cannot reach the
+     * target because the rest is dirty or held only locally. */
+    const uint64_t limit = 2 * v->nblocks;
+    uint64_t travel = 0;
+    int rc = 0;
+    while (!rc && travel < limit) {
+        size_t k = 0;
+        int done = 0;
+        while (!done && travel < limit) {
+            pthread_mutex_lock(&v->idx_mu);
+            uint64_t cached = block_index_cached_count(v->bi);
+            uint64_t want = cached > max_cached ? cached - max_cached : 0;
+            if (want > EVICT_BATCH) want = EVICT_BATCH;
+            if (k >= want) { done = 1; pthread_mutex_unlock(&v->idx_mu); break; }
+            const uint8_t *st = block_index_states(v->bi);
+            uint64_t h = v->clock_hand;
+            for (uint32_t scanned = 0; scanned < EVICT_SCAN && travel < limit && k < want; scanned++) {
+                uint8_t s = st[h];
+                if (s & BLOCK_REFERENCED) block_index_set_referenced(v->bi, h, 0); /* second chance */
+                else if (evictable(s)) cand[k++] = h;
+                h = h + 1 == v->nblocks ? 0 : h + 1;
+                travel++;
+            }
+            v->clock_hand = h;
+            pthread_mutex_unlock(&v->idx_mu);
+        }
+        if (!k) break;
+        qsort(cand, k, sizeof *cand, cmp_u64); /* the hand may have wrapped; runs coalesce when sorted */
+        pthread_mutex_lock(&v->ckpt_mu);
+        rc = evict_commit(v, cand, k, 1, evicted);
+        pthread_mutex_unlock(&v->ckpt_mu);
+    }
+    pthread_mutex_unlock(&v->evict_mu);
+    free(cand);
     return rc;
 }
 
@@ -1018,4 +1265,11 @@ int volume_local_only(struct volume *v, dirty_fn fn, void *ctx) {
     }
     pthread_mutex_unlock(&v->idx_mu);
     return rc;
+}
+
+/* n consecutive blocks as of seq (UINT64_MAX: current), one plan per
+ * PLAN_CHUNK blocks and coalesced preads: the pack builder's bulk read. */
+int volume_read_blocks_as_of(struct volume *v, uint64_t lba, uint64_t n, uint64_t seq, void *buf) {
+    if (lba >= v->nblocks || n > v->nblocks - lba) return -EINVAL;
+    return read_blocks_wait(v, lba, n, buf, seq);
 }

@@ -1,19 +1,24 @@
 /* volume.h — one exported volume: WAL + block index + cache file + state file.
  *
- * Lock order: wal.mu -> idx_mu. Writes hold wal.mu across append and index
- * update, so a checkpoint that cuts the WAL under wal.mu sees every record up
- * to its cut in the index. Reads hold idx_mu only while planning (which file,
- * which offset, taking a reference on a WAL segment) and do their I/O unlocked.
+ * Lock order: evict_mu -> ckpt_mu -> wal.mu -> evict_rw -> idx_mu -> miss_mu.
+ * Writes hold wal.mu across append and index update, so a checkpoint that
+ * cuts the WAL under wal.mu sees every record up to its cut in the index.
+ * Reads hold idx_mu only while planning (which file, which offset, taking a
+ * reference on a WAL segment) and do their I/O unlocked.
  *
  * Invariant 4 (a block served from the cache file is never stale) holds by
  * ordering: the cache file is written only by a checkpoint, only for blocks
  * that are still DIRTY (so no reader looks at the cache file for them), and
  * only after the WAL records being written back are durable; the blocks leave
- * DIRTY only after the cache file's fdatasync. Eviction (CLEAN -> ABSENT, a
- * hole punched) takes evict_rw exclusively, and every read holds it shared
- * from planning to the end of its pread, so no read can plan "cache file" and
- * then read a hole. A fetched block is installed only if it is still ABSENT
- * and not DIRTY, under idx_mu, so a fetch never overwrites a newer write.
+ * DIRTY only after the cache file's fdatasync. A fetched block is installed
+ * only if it is still ABSENT and not DIRTY, under idx_mu, so a fetch never
+ * overwrites a newer write; a state file says CLEAN for an installed block
+ * only after an fdatasync of the cache file that covers the install.
+ * Eviction (CLEAN -> ABSENT, a hole punched) marks blocks ABSENT holding
+ * evict_rw exclusively (every read holds it shared from planning to the end
+ * of its pread, so no read that planned "cache file" is still reading), makes
+ * a state file saying ABSENT durable, and only then punches, under ckpt_mu
+ * and idx_mu, the blocks still ABSENT (see evict_commit in volume.c).
  *
  * Read misses: a read that needs an ABSENT+REMOTE block registers a waiter
  * (under idx_mu, so an install cannot slip between the check and the
@@ -71,9 +76,11 @@ struct volume {
     struct block_index *bi;
     atomic_ulong nversions;
 
-    pthread_mutex_t ckpt_mu; /* one checkpoint at a time */
+    pthread_mutex_t ckpt_mu; /* one checkpoint or eviction batch at a time: both write the state file */
     uint64_t checkpoint_seq;
     uint64_t manifest_version;
+    uint64_t synced_installs; /* (ckpt_mu) value of `installs` covered by the last cache fdatasync */
+    int remote_changed;       /* (idx_mu) REMOTE bits changed since the last state snapshot */
 
     pthread_mutex_t rmw_mu;  /* serialises read-modify-write of partial blocks */
     atomic_int failed;       /* sticky errno after an unrecoverable I/O error */
@@ -84,6 +91,8 @@ struct volume {
     int nconns;
 
     pthread_rwlock_t evict_rw;
+    pthread_mutex_t evict_mu; /* one volume_evict_to at a time; guards clock_hand */
+    uint64_t clock_hand;      /* next block the CLOCK sweep looks at */
 
     pthread_mutex_t miss_mu; /* after idx_mu in the lock order */
     struct miss_entry **miss_buckets;
@@ -141,8 +150,15 @@ int volume_install(struct volume *v, uint64_t lba, const void *data);
 /* The block could not be fetched: parked reads fail with err. */
 void volume_fail_miss(struct volume *v, uint64_t lba, int err);
 /* CLEAN blocks that the store holds become ABSENT (hole punched); returns how
- * many were evicted. Never touches DIRTY blocks or blocks only local. */
+ * many were evicted. Never touches DIRTY blocks or blocks only local. The
+ * state file says ABSENT before any hole is punched, so a crash in between
+ * leaves blocks to refetch, never a hole that reads as data. */
 int volume_evict(struct volume *v, uint64_t lba, uint64_t n, uint64_t *evicted);
+/* CLOCK: while more than max_cached blocks have a CLEAN base, sweep the hand
+ * (persistent across calls), giving referenced blocks a second chance and
+ * evicting unreferenced CLEAN+REMOTE non-DIRTY ones in batches (one state
+ * file write each). Stops at the target or after two full sweeps. */
+int volume_evict_to(struct volume *v, uint64_t max_cached, uint64_t *evicted);
 /* Seal the WAL and return the cut for a flush (everything <= cut is in the
  * index); the flusher then lists and reads the dirty blocks as of it. */
 int volume_flush_cut(struct volume *v, uint64_t *cut);
@@ -151,5 +167,8 @@ int volume_dirty_upto(struct volume *v, uint64_t cut, dirty_fn fn, void *ctx);
 /* Blocks held only locally (CLEAN, not REMOTE, not DIRTY): data written before
  * the volume had a store, which the first flush must adopt. */
 int volume_local_only(struct volume *v, dirty_fn fn, void *ctx);
+
+/* n consecutive blocks from lba as of seq, as volume_read_block_as_of reads one. */
+int volume_read_blocks_as_of(struct volume *v, uint64_t lba, uint64_t n, uint64_t seq, void *buf);
 
 #endif

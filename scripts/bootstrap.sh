@@ -20,9 +20,10 @@ ensure_apt() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-# The build needs a C compiler, Python headers and liburing (ublk); the venv module.
+# The build needs a C compiler, Python headers, liburing (ublk), libzstd and
+# libxxhash (the pack builder); the venv module.
 ensure_build_deps() {
-    ensure_apt gcc libc6-dev python3 python3-dev python3-venv liburing-dev
+    ensure_apt gcc libc6-dev python3 python3-dev python3-venv liburing-dev libzstd-dev libxxhash-dev
 }
 
 ensure_venv() { # ensure_venv [extra]

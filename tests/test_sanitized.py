@@ -63,6 +63,7 @@ def test_volume_units_under_sanitizers(asan_build: Path, tmp_path: Path) -> None
     assert str(asan_build) in probe.stdout
     run_pytest([str(ROOT / "tests" / "unit" / "test_volume.py"),
                 str(ROOT / "tests" / "unit" / "test_readthrough.py"),
+                str(ROOT / "tests" / "unit" / "test_eviction.py"),
                 str(ROOT / "tests" / "unit" / "test_codecs.py")], env, tmp_path)
 
 

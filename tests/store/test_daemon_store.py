@@ -452,3 +452,40 @@ def test_data_from_before_the_store_is_uploaded(daemon_factory: Callable[..., Da
     assert r.returncode == 0, r.stderr
     assert r.stdout == blob
     assert cold.stop() == 0
+
+
+def test_cache_stays_within_its_size(daemon_factory: Callable[..., Daemon],
+                                     store_spec: StoreSpec, tmp_short: Path) -> None:
+    """--cache-size bounds the cache file: 128 MiB written and read back
+    through a 64 MiB cache, every byte right, the file's allocation within
+    the budget once the scheduler has caught up."""
+    size, budget = 128 * MiB, 64 * MiB
+    ref = tmp_short / "ref.img"
+    reference_image(ref, size, seed=9)
+    d = start(daemon_factory, store_spec, size, "--cache-size", str(budget),
+              "--flush-interval", "200ms")
+    cache = d.data_dir / "volumes" / "vol0" / "cache"
+
+    def allocated() -> int:
+        return cache.stat().st_blocks * 512
+
+    def settle() -> int:
+        deadline = time.monotonic() + 20
+        while allocated() > budget and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return allocated()
+
+    subprocess.run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(ref), d.uri()],
+                   check=True, timeout=120)
+    assert settle() <= budget
+    for _ in range(2):  # reads refill the cache from the store; eviction trims it again
+        cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(ref),
+                              d.uri()], capture_output=True, text=True, timeout=120)
+        assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+        assert settle() <= budget
+    assert d.stop() == 0
+    d.start()  # evicted blocks stay evicted across a restart and read back right
+    cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(ref), d.uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+    assert d.stop() == 0
