@@ -52,3 +52,53 @@ def test_bench_quick(tmp_short: Path) -> None:
     assert table[0].startswith("| test |") and "glidefs/nbdkit" in table[0], table
     assert "glidefs/qemu-nbd" in table[0]
     assert len(table) == 1 + 5, table
+
+
+def test_flush_bench_quick(tmp_path: Path) -> None:
+    """bench/flush_bench.py end to end on a few MiB (no timing is judged)."""
+    out = tmp_path / "flush.json"
+    cmd = [
+        sys.executable, str(REPO / "bench" / "flush_bench.py"), "--mib", "4", "--rounds", "1",
+        "--commit-gib", "1", "--dir", str(tmp_path / "work"), "--json", str(out),
+    ]  # fmt: skip
+    proc = run(cmd, timeout=300)
+    doc = json.loads(out.read_text())
+    median = doc["median"]
+    for key in ("zstd_mibps", "commit_mibps", "full_mibps", "commit_ratio", "full_ratio"):
+        assert median[key] > 0, (key, median)
+    (round_,) = doc["rounds"]
+    assert round_["stored"] > 0 and round_["packs"] >= 1
+    assert 0 < round_["pack_bytes"] < 4 << 20  # compressed and deduplicated
+    assert doc["commit_cost"]["bytes_put"] > 0 and doc["commit_cost"]["est_1tib_bytes"] > 0
+    assert "target flush >= 0.7x zstd -1" in proc.stdout
+    # each round's volume and store are removed as soon as it is timed
+    assert not list((tmp_path / "work").glob("round*"))
+
+
+def test_cold_read_bench_smoke(tmp_short: Path) -> None:
+    """bench/cold_read_bench.py --smoke end to end, local store and moto S3
+    (no timing is judged: only that every cold read was a miss and the table
+    came out)."""
+    out = tmp_short / "cold.json"
+    cmd = [
+        sys.executable, str(REPO / "bench" / "cold_read_bench.py"), "--smoke",
+        "--dir", str(tmp_short / "work"), "--json", str(out),
+    ]  # fmt: skip
+    try:
+        proc = run(cmd, timeout=180)
+    finally:
+        leftovers = _processes_mentioning(str(tmp_short))
+        for pid in leftovers:
+            os.kill(pid, signal.SIGKILL)
+    assert not leftovers, f"the benchmark left daemons running: {leftovers}"
+    doc = json.loads(out.read_text())
+    reads = doc["reads"]
+    for store in ("local", "s3"):
+        res = doc["results"][store]
+        assert len(res["cold"]) == len(res["warm"]) == doc["repeat"] >= 1, res
+        assert all(p50 > 0 and p99 >= p50 for p50, p99 in res["cold"] + res["warm"]), res
+        assert all(n >= reads for n in res["installed"]), res  # every cold read a miss
+    assert all(n >= reads for n in doc["results"]["s3"]["gets"]), doc["results"]["s3"]
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| store | cold p50 | cold p99 | warm p50 | warm p99 |"), table
+    assert [row.split("|")[1].strip() for row in table[1:]] == ["local", "s3"], table
