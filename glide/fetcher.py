@@ -140,13 +140,16 @@ class Fetcher:
                 time.sleep(self.backoff * attempt)
             except CorruptBlock as e:
                 self.corrupt += 1
-                log.error("corrupt block in the store pack=%s entry=%s: %s",
-                          e.pack_key, e.entry_no, e)
+                lbas = [lba for lba, entry in wanted if entry == e.entry_no]
+                log.error("corrupt block in the store volume=%s lba=%s pack=%s entry=%s: %s",
+                          self.manifest.volume, ",".join(map(str, lbas)) or "?", e.pack_key,
+                          e.entry_no, e)
                 # the rest of the pack may be fine: fetch the others one by one
                 self._fetch_singly(loc, wanted)
                 return
             except (StoreError, FormatError) as e:
-                log.error("cannot fetch pack=%s error=%s", loc.pack_key, e)
+                log.error("cannot fetch volume=%s pack=%s blocks=%d error=%s",
+                          self.manifest.volume, loc.pack_key, len(wanted), e)
                 for lba, _ in wanted:
                     self._fail(lba, errno.EIO)
                 return
@@ -157,7 +160,9 @@ class Fetcher:
         for lba, entry in wanted:
             try:
                 data = read_blocks(self.store, loc.pack_key, self._index(loc), [entry])[entry]
-            except (StoreError, FormatError):
+            except (StoreError, FormatError) as e:
+                log.error("cannot fetch volume=%s lba=%d pack=%s entry=%d error=%s",
+                          self.manifest.volume, lba, loc.pack_key, entry, e)
                 self._fail(lba, errno.EIO)
                 continue
             self.volume.install(lba, data)

@@ -30,6 +30,9 @@ log = logging.getLogger("glide.flush")
 
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
+# With writers about to wait on the WAL budget, a store that is back must be
+# noticed soon: retry at least this often.
+BACKOFF_MAX_UNDER_PRESSURE = 2.0
 
 
 class FlushScheduler(threading.Thread):
@@ -71,7 +74,7 @@ class FlushScheduler(threading.Thread):
                     continue
                 due = name in urgent or now - last[name] >= self.interval
                 if due and (sv.dirty_blocks() or sv.needs_adopt):
-                    if self.flush(name, sv):
+                    if self.flush(name, sv, name in urgent):
                         urgent.discard(name)
                         last[name] = time.monotonic()
                 elif due:
@@ -79,7 +82,7 @@ class FlushScheduler(threading.Thread):
                     last[name] = now
                 self.evict(name, sv)
 
-    def flush(self, name: str, sv: ServedVolume) -> bool:
+    def flush(self, name: str, sv: ServedVolume, pressure: bool = False) -> bool:
         t0 = time.monotonic()
         try:
             st = sv.flush()
@@ -92,7 +95,8 @@ class FlushScheduler(threading.Thread):
         except (StoreError, FormatError, OSError) as e:
             n = self.failures.get(name, 0) + 1
             self.failures[name] = n
-            delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (n - 1))
+            delay = min(BACKOFF_MAX_UNDER_PRESSURE if pressure else BACKOFF_MAX,
+                        BACKOFF_FIRST * 2 ** (n - 1))
             self.retry_at[name] = time.monotonic() + delay
             log.error("flush failed volume=%s attempt=%d retry_in=%.1fs error=%s", name, n,
                       delay, e)

@@ -222,7 +222,8 @@ class ServedVolume:
                 cold.set_remote(first, count, True)
                 remote += count
             cold.checkpoint()  # persists the REMOTE bits (nothing is dirty)
-            log.info("volume=%s: cold open at v%d; %d blocks readable from the store",
+            log.info("volume=%s: cold open at v%d; %d blocks (whole manifest leaves) "
+                     "will be read from the store on demand",
                      vc.name, manifest.version, remote)
         else:
             log.info("volume=%s: warm open at v%d", vc.name, manifest.version)
