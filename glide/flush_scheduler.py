@@ -8,8 +8,9 @@ daemon keeps serving from the cache meanwhile, and writers slow down only
 when the WAL budget is reached (backpressure, never unbounded memory).
 
 A volume whose commit is refused because another writer took it over
-(`Fenced`) is never flushed again by this daemon: it says why, once, and
-leaves the store to the new owner.
+(`Fenced`) is never flushed again by this daemon: it says why, once, leaves
+the store to the new owner and refuses further writes (nothing would ever
+drain them, so they would otherwise wait on the WAL budget forever).
 """
 
 from __future__ import annotations
@@ -87,10 +88,7 @@ class FlushScheduler(threading.Thread):
         try:
             st = sv.flush()
         except Fenced as e:
-            sv.fenced = str(e)
-            log.error("volume=%s: another writer owns this volume in the store; this daemon "
-                      "stops writing it there (unflushed writes stay in the local WAL): %s",
-                      name, e)
+            sv.fence(str(e))
             return False
         except (StoreError, FormatError, OSError) as e:
             n = self.failures.get(name, 0) + 1

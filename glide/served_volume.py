@@ -259,6 +259,15 @@ class ServedVolume:
                              self.name, st.stored)
             return self.flusher.flush_once()
 
+    def fence(self, why: str) -> None:
+        """Another writer owns the volume in the store. Writes acknowledged so
+        far stay in the WAL (and are served); new ones fail with EROFS."""
+        self.fenced = why
+        self.vol.set_read_only()
+        log.error("volume=%s: another writer owns this volume in the store; this daemon "
+                  "stops writing it there and refuses new writes (EROFS); unflushed writes "
+                  "stay in the local WAL: %s", self.name, why)
+
     def evict(self) -> int:
         if self.cache_blocks is None:
             return 0

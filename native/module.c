@@ -366,6 +366,14 @@ static PyObject *Volume_evict_to(VolumeObject *self, PyObject *args) {
     return PyLong_FromUnsignedLongLong(evicted);
 }
 
+static PyObject *Volume_set_read_only(VolumeObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (check_open(self)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    volume_set_read_only(self->v);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyObject *Volume_flush_cut(VolumeObject *self, PyObject *Py_UNUSED(ignored)) {
     if (check_open(self)) return NULL;
     uint64_t cut = 0;
@@ -504,6 +512,8 @@ static PyMethodDef Volume_methods[] = {
     {"evict", (PyCFunction)Volume_evict, METH_VARARGS, "evict(lba, n) -> evicted: CLEAN blocks the store holds"},
     {"evict_to", (PyCFunction)Volume_evict_to, METH_VARARGS,
      "evict_to(max_cached_blocks) -> evicted: CLOCK sweep until at most that many blocks are cached"},
+    {"set_read_only", (PyCFunction)Volume_set_read_only, METH_NOARGS,
+     "From now on writes, TRIM and WRITE_ZEROES fail with EROFS (fencing)."},
     {"flush_cut", (PyCFunction)Volume_flush_cut, METH_NOARGS, "Seal the WAL for a flush; returns the cut seq"},
     {"dirty_upto", (PyCFunction)Volume_dirty_upto, METH_VARARGS,
      "dirty_upto(cut) -> [(lba, kind)]: blocks whose newest version <= cut"},

@@ -373,7 +373,9 @@ static void wait_for_budget(struct volume *v, uint64_t need) {
         }
         /* Wait only if a checkpoint could free something; a single request larger
          * than the whole budget goes through on an empty log. */
-        if (charge + need <= v->wal_budget || atomic_load(&v->nversions) == 0 || v->wal.stopping) return;
+        if (charge + need <= v->wal_budget || atomic_load(&v->nversions) == 0 || v->wal.stopping ||
+            atomic_load(&v->read_only))
+            return;
         atomic_fetch_add(&v->st.backpressure_waits, 1);
         pthread_cond_wait(&v->space_cv, &v->wal.mu);
     }
@@ -383,6 +385,7 @@ static int append_and_index(struct volume *v, uint8_t kind, uint64_t lba, uint64
                             uint64_t *seq) {
     int rc = atomic_load(&v->failed);
     if (rc) return -rc;
+    if (atomic_load(&v->read_only)) return -EROFS;
     pthread_mutex_lock(&v->wal.mu);
     if (kind == WAL_KIND_ZERO_HOLE) {
         /* Skip the record entirely when every block is already zero and clean:
@@ -396,6 +399,7 @@ static int append_and_index(struct volume *v, uint8_t kind, uint64_t lba, uint64
     uint64_t need = WAL_REC_HDR_SIZE + (kind == WAL_KIND_DATA ? nblocks * GLIDE_BLOCK_SIZE : 0) +
                     nblocks * VERSION_CHARGE;
     wait_for_budget(v, need);
+    if (atomic_load(&v->read_only)) { pthread_mutex_unlock(&v->wal.mu); return -EROFS; }
     struct wal_append_result res;
     rc = wal_append_locked(&v->wal, kind, lba, (uint32_t)nblocks, data, &res);
     if (rc == 0) {
@@ -1272,4 +1276,11 @@ int volume_local_only(struct volume *v, dirty_fn fn, void *ctx) {
 int volume_read_blocks_as_of(struct volume *v, uint64_t lba, uint64_t n, uint64_t seq, void *buf) {
     if (lba >= v->nblocks || n > v->nblocks - lba) return -EINVAL;
     return read_blocks_wait(v, lba, n, buf, seq);
+}
+
+void volume_set_read_only(struct volume *v) {
+    pthread_mutex_lock(&v->wal.mu);
+    atomic_store(&v->read_only, 1);
+    pthread_cond_broadcast(&v->space_cv); /* writers waiting for budget fail now */
+    pthread_mutex_unlock(&v->wal.mu);
 }

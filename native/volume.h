@@ -84,6 +84,7 @@ struct volume {
 
     pthread_mutex_t rmw_mu;  /* serialises read-modify-write of partial blocks */
     atomic_int failed;       /* sticky errno after an unrecoverable I/O error */
+    atomic_int read_only;    /* writes fail with EROFS (the store fenced this writer) */
 
     pthread_mutex_t conn_mu;
     pthread_cond_t conn_cv;
@@ -142,6 +143,9 @@ uint64_t volume_charge(struct volume *v); /* current WAL + index charge */
 
 /* Mark blocks as present (or not) in the store's committed manifest. */
 void volume_set_remote(struct volume *v, uint64_t lba, uint64_t n, int on);
+/* From now on every write, TRIM and WRITE_ZEROES fails with EROFS, including
+ * those waiting on the WAL budget: nothing will ever free it (fencing). */
+void volume_set_read_only(struct volume *v);
 /* Up to max blocks the fetcher should get; 0 when none are waiting. */
 size_t volume_take_misses(struct volume *v, uint64_t *out, size_t max);
 /* A fetched, verified block: stored unless a write overtook it; parked reads

@@ -545,7 +545,9 @@ def test_lost_replies_on_the_root_commit(rig: Rig, tmp_short: Path) -> None:
 def test_conflicting_commit_fences_the_daemon(rig: Rig, tmp_short: Path) -> None:
     """Another writer takes the volume over while the daemon runs: the
     daemon's next commit is refused (Fenced), it says so once, never writes
-    the root again, and keeps every acknowledged write in its WAL."""
+    the root again, keeps every acknowledged write in its WAL and serves it,
+    and from then on refuses writes (EPERM over NBD) instead of letting them
+    wait forever on a WAL nothing will drain."""
     a = rig.daemon(via_proxy=False)
     v0 = rig.version()
     put(a, BEFORE, gen=1)
@@ -559,9 +561,9 @@ def test_conflicting_commit_fences_the_daemon(rig: Rig, tmp_short: Path) -> None
         taken = intruder.root
         wait_for("the fence", lambda: "another writer owns this volume" in a.stderr_text(), 10,
                  lambda: log_tail(a))
-        put(a, DURING, gen=3)  # acknowledged after the fence
-        time.sleep(1.5)  # several flush intervals, the writer going on
-        rnd = stop_writer(writer, wlog)
+        time.sleep(1.0)  # several flush intervals, the writer going on (and failing)
+        writer.kill()
+        writer.wait()
     finally:
         if writer.poll() is None:
             writer.kill()
@@ -570,8 +572,20 @@ def test_conflicting_commit_fences_the_daemon(rig: Rig, tmp_short: Path) -> None
     log = a.stderr_text()
     assert log.count("another writer owns this volume") == 1, log_tail(a)
     assert "flush failed" not in log, "a fence is not a transient failure to retry"
+    refused = subprocess.run(
+        [SYSTEM_PYTHON, WRITER, "put", "--uri", a.uri(), "--first", str(DURING.start),
+         "--blocks", str(len(DURING)), "--gen", "3", "--flush"],
+        capture_output=True, text=True, timeout=60, env=system_env())
+    assert refused.returncode != 0, "a fenced volume accepted a write"
+    assert "Operation not permitted" in refused.stderr or "EPERM" in refused.stderr, \
+        refused.stderr[-2000:]
 
-    allowed = allowed_values(rnd, {**dict.fromkeys(BEFORE, 1), **dict.fromkeys(DURING, 3)})
+    text = wlog.read_text()
+    lines = text.splitlines()[: text.count("\n")]
+    rnd = co.parse_log(lines)
+    assert rnd.acked > 50, rnd.acked
+    assert any(ln.startswith("E ") for ln in lines), "the writer never saw the refusal"
+    allowed = allowed_values(rnd, dict.fromkeys(BEFORE, 1))
     check_image(read_image(a, tmp_short / "a.img"), allowed, "the fenced daemon's image")
 
     # Stopping makes no final flush over the intruder's root; the writes stay

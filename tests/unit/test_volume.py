@@ -235,6 +235,46 @@ def test_backpressure_waits_for_checkpoint(tmp_path: Path) -> None:
     v.close()
 
 
+def test_read_only_fails_writes_including_those_waiting_for_budget(tmp_path: Path) -> None:
+    """Fencing: once read-only, writes fail with EROFS at once, and a writer
+    already waiting on the WAL budget (which nothing will now drain) fails
+    too instead of waiting forever. What was written stays readable."""
+    import errno
+
+    budget = 128 * MiB
+    v = Volume(str(tmp_path / "v"), 256 * MiB, budget, 34 * MiB)
+    chunk = os.urandom(MiB)
+    off = 0
+    while v.stats()["charge"] + MiB + 2 * 4096 < budget:
+        v.write(off, chunk)
+        off += MiB
+    result: list[BaseException | None] = []
+
+    def writer() -> None:
+        try:
+            v.write(off, chunk)
+            v.write(off + MiB, chunk)
+            result.append(None)
+        except OSError as e:
+            result.append(e)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    time.sleep(0.5)
+    assert not result, "writer should be waiting on backpressure"
+    v.set_read_only()
+    t.join(10)
+    assert not t.is_alive()
+    assert isinstance(result[0], OSError) and result[0].errno == errno.EROFS
+    for op in (lambda: v.write(0, chunk), lambda: v.trim(0, MiB),
+               lambda: v.write_zeroes(0, MiB)):
+        with pytest.raises(OSError) as e:
+            op()
+        assert e.value.errno == errno.EROFS
+    assert v.read(0, MiB) == chunk
+    v.close()
+
+
 def test_foreign_segment_is_refused(tmp_path: Path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     va = open_vol(a)
