@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import signal
 import socket
@@ -109,6 +110,9 @@ def _drain(stream: IO[str], log: Path) -> None:
             lf.write(line)
 
 
+GLIDEFS_ARGS: list[str] = []  # --glidefs-args, appended to `glidefs serve`
+
+
 def start_glidefs(work: Path, size: int) -> Server:
     data = work / "glidefs-data"
     sock = str(work / "glidefs.sock")
@@ -119,6 +123,7 @@ def start_glidefs(work: Path, size: int) -> Server:
         "--nbd-unix", sock,
         "--nbd-tcp", f"127.0.0.1:{free_port()}",
         "--volume", f"bench:{size}",
+        *GLIDEFS_ARGS,
     ]  # fmt: skip
     with open(log, "w") as lf:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=lf, text=True, cwd=REPO)
@@ -243,10 +248,14 @@ def main() -> int:
     p.add_argument("--servers", default="glidefs,nbdkit,qemu-nbd")
     p.add_argument("--tests", help="comma-separated subset of test names")
     p.add_argument("--json", help="also write the raw results here")
+    p.add_argument("--glidefs-args", default="",
+                   help="extra `glidefs serve` arguments, e.g. '--wal-budget 24G' to measure "
+                        "writes absorbed by the WAL rather than bound by flushing")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     a = p.parse_args()
 
     size = parse_size(a.size or ("64M" if a.quick else "1G"))
+    GLIDEFS_ARGS[:] = shlex.split(a.glidefs_args)
     runtime = a.runtime if a.runtime is not None else (1.0 if a.quick else 10.0)
     ramp = a.ramp if a.ramp is not None else (0.0 if a.quick else 2.0)
     repeat = a.repeat or (1 if a.quick else 3)
@@ -317,7 +326,8 @@ def main() -> int:
         f"Machine: {info['nproc']} CPUs ({info['cpu']}), {info['memory']} RAM, "
         f"kernel {info['kernel']}, {info['filesystem']} filesystem; {info['fio']}, "
         f"{info['nbdkit']}, {info['qemu-nbd']}. Volume {size // MiB} MiB, "
-        f"{runtime:g} s per run{f' after {ramp:g} s ramp' if ramp else ''}.\n"
+        f"{runtime:g} s per run{f' after {ramp:g} s ramp' if ramp else ''}"
+        f"{'; glidefs ' + shlex.join(GLIDEFS_ARGS) if GLIDEFS_ARGS else ''}.\n"
     )
     print("| test | unit | " + " | ".join(cols) + " |")
     print("|---|---|" + "---:|" * len(cols))
