@@ -334,8 +334,7 @@ class Daemon:
                           sv.dirty_blocks())
                 continue
             try:
-                sv.vol.flush()
-                st = sv.flush()
+                st = sv.flush()  # syncs the WAL through its cut itself
                 if st is not None:
                     log.info("final flush volume=%s blocks=%d manifest_version=%d", name,
                              st.blocks, sv.manifest.version)
@@ -376,7 +375,6 @@ def drain_volume(cfg: Config, vc: VolumeConfig, say: Callable[[str], None]) -> i
         store.check_conditional_put()
         sv = ServedVolume.open(cfg, vc, store, store_identity(store))
         try:
-            sv.vol.flush()
             dirty = sv.dirty_blocks()
             say(f"drain {vc.name}: {dirty} dirty blocks ({dirty * 4096 / (1 << 20):.1f} MiB) "
                 f"to flush to {cfg.store.describe(cfg.data_dir)}")

@@ -147,7 +147,12 @@ class ServedVolume:
         writer = writer_id(cache_id)
         vol = cls._open_native(cfg, vc, vdir)
         try:
-            manifest, cold = cls._bind_manifest(cfg, vc, store, vol, vdir, binding, writer)
+            # Blocks only the cache holds: written before the volume had a
+            # store, or adopted by a run that crashed before committing them.
+            # One scan of the index, used for both decisions below.
+            local_only = len(vol.local_only_blocks())
+            manifest, cold = cls._bind_manifest(cfg, vc, store, vol, vdir, binding, writer,
+                                                local_only)
             if manifest.root.size != vc.size:
                 raise VolumeConflict(
                     f"volume {vc.name}: the store holds it with size {manifest.root.size}, "
@@ -161,9 +166,7 @@ class ServedVolume:
             raise
         sv = cls(vc.name, vol, manifest, store,
                  None if cfg.cache_size is None else cfg.cache_size // BLOCK)
-        # Blocks only the cache holds: written before the volume had a store,
-        # or adopted by a run that crashed before committing them.
-        sv.needs_adopt = bool(vol.local_only_blocks())
+        sv.needs_adopt = cold is None and local_only > 0
         sv.fetcher.start()
         return sv
 
@@ -183,11 +186,11 @@ class ServedVolume:
     @classmethod
     def _bind_manifest(
         cls, cfg: Config, vc: VolumeConfig, store: ObjectStore, vol: _native.Volume,
-        vdir: Path, binding: Binding | None, writer: str,
+        vdir: Path, binding: Binding | None, writer: str, local_only: int,
     ) -> tuple[Manifest, _native.Volume | None]:
         """(manifest owned by `writer`, a replacement native volume if the
         cache was reset)."""
-        unflushed = vol.stats()["dirty_blocks"] + len(vol.local_only_blocks())
+        unflushed = vol.stats()["dirty_blocks"] + local_only
         try:
             manifest = Manifest.open(store, vc.name)
         except NotFound:
@@ -234,7 +237,7 @@ class ServedVolume:
                      vdir: Path) -> _native.Volume:
         vol.close()
         for child in vdir.iterdir():
-            if child.name in ("ublk-id",):
+            if child.name == "ublk-id":
                 continue  # the device identity is not cache content
             if child.is_dir():
                 shutil.rmtree(child)
@@ -249,8 +252,6 @@ class ServedVolume:
         store). Raises what the flusher raises; Fenced is for the caller to
         record. Never runs two at once."""
         with self.flush_lock:
-            if self.fenced:
-                raise RuntimeError(f"volume {self.name} is fenced: {self.fenced}")
             if self.needs_adopt:
                 st = self.flusher.adopt_local()
                 self.needs_adopt = False
