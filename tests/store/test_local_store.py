@@ -4,7 +4,10 @@ corruption and OS errors."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -63,6 +66,51 @@ def test_corrupt_data_fails_a_whole_get(store: LocalDirStore) -> None:
     assert not isinstance(caught.value, NotFound | StoreUnavailable)
     # A range cannot be checked here: the pack's per-block hashes do that.
     assert store.get("k", 0, 3) == b"012"
+
+
+def _rewrite_as_format1(path: Path) -> bytes:
+    """Rewrites an object file the way a store from before format 2 wrote it
+    (blake2b-128 digest); returns that digest."""
+    data = path.read_bytes()[HEADER.size:]
+    digest = hashlib.blake2b(data, digest_size=16).digest()
+    fields = HEADER_MAGIC, 1, HEADER.size, len(data), digest
+    crc = zlib.crc32(struct.pack("<8sIIQ16s", *fields))
+    path.write_bytes(HEADER.pack(*fields, crc, 0) + data)
+    return digest
+
+
+def test_format1_objects_still_read_and_cas(store: LocalDirStore) -> None:
+    # Stores written before the xxh3 ETag keep working: reads verify with the
+    # digest their header names, and a CAS against the old ETag succeeds once.
+    store.put("root", b"old root")
+    digest = _rewrite_as_format1(_object_path(store, "root"))
+    old_etag = f'"{digest.hex()}"'
+    assert store.head("root").etag == old_etag
+    assert store.get_with_info("root")[0] == b"old root"
+    with pytest.raises(PreconditionFailed):
+        store.put("root", b"new root", if_match='"' + "0" * 32 + '"')
+    new_etag = store.put("root", b"new root", if_match=old_etag)
+    assert new_etag != old_etag and store.head("root").etag == new_etag
+    assert store.get("root") == b"new root"
+    # A corrupt format-1 object is still caught on a whole read.
+    _rewrite_as_format1(_object_path(store, "root"))
+    path = _object_path(store, "root")
+    raw = bytearray(path.read_bytes())
+    raw[HEADER.size] ^= 0x01
+    path.write_bytes(raw)
+    with pytest.raises(StoreError, match="content hash mismatch"):
+        store.get("root")
+
+
+def test_unknown_format_version_is_refused(store: LocalDirStore) -> None:
+    store.put("k", b"data")
+    path = _object_path(store, "k")
+    raw = bytearray(path.read_bytes())
+    struct.pack_into("<I", raw, 8, 99)
+    struct.pack_into("<I", raw, 40, zlib.crc32(bytes(raw[:40])))
+    path.write_bytes(raw)
+    with pytest.raises(StoreError, match="unsupported format version 99"):
+        store.head("k")
 
 
 @pytest.mark.parametrize("damage", ["truncate", "magic", "header_crc"])
