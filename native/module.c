@@ -179,6 +179,19 @@ static PyObject *Volume_checkpoint(VolumeObject *self, PyObject *args) {
                          "state_bytes", (unsigned long long)st.state_bytes);
 }
 
+static PyObject *Volume_write_back(VolumeObject *self, PyObject *args) {
+    unsigned long long upto = UINT64_MAX;
+    if (!PyArg_ParseTuple(args, "|K", &upto) || check_open(self)) return NULL;
+    struct checkpoint_stats st;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = volume_write_back(self->v, upto, &st);
+    Py_END_ALLOW_THREADS
+    if (rc) return raise_errno(rc, "write_back");
+    return Py_BuildValue("{s:K,s:K,s:K}", "cut_seq", (unsigned long long)st.cut_seq, "blocks_written",
+                         (unsigned long long)st.blocks_written, "blocks_zeroed", (unsigned long long)st.blocks_zeroed);
+}
+
 static PyObject *Volume_read_block_as_of(VolumeObject *self, PyObject *args) {
     unsigned long long lba, seq;
     if (!PyArg_ParseTuple(args, "KK", &lba, &seq) || check_open(self)) return NULL;
@@ -494,6 +507,8 @@ static PyMethodDef Volume_methods[] = {
      "write_zeroes(offset, length, no_hole=False, fua=False)"},
     {"flush", (PyCFunction)Volume_flush, METH_NOARGS, "Make every acknowledged write durable (group commit)."},
     {"checkpoint", (PyCFunction)Volume_checkpoint, METH_VARARGS, "checkpoint(upto=all) -> stats dict"},
+    {"write_back", (PyCFunction)Volume_write_back, METH_VARARGS,
+     "write_back(upto=all) -> stats dict: a checkpoint's copy into the cache file, no state change"},
     {"read_block_as_of", (PyCFunction)Volume_read_block_as_of, METH_VARARGS, "read_block_as_of(lba, seq) -> bytes"},
     {"block_status", (PyCFunction)Volume_block_status, METH_VARARGS, "block_status(offset, length) -> [(len, flags)]"},
     {"last_seq", (PyCFunction)Volume_last_seq, METH_NOARGS, "Sequence number of the newest WAL record."},

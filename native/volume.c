@@ -290,6 +290,7 @@ int volume_open(const struct volume_config *cfg, struct volume **out, char *err,
         goto fail;
     }
     v->checkpoint_seq = ckpt;
+    v->written_back_seq = ckpt;
 
     snprintf(path, sizeof path, "%s/wal", v->dir);
     rc = wal_open(&v->wal, path, v->volume_id, cfg->seg_size, ckpt, replay_apply, v, &v->replay, err, errlen);
@@ -847,11 +848,16 @@ static int cmp_wb(const void *a, const void *b) {
 }
 
 #define WB_RUN_BLOCKS 256u /* 1 MiB per copy */
+/* Start the kernel writing the cache file every this many bytes copied, so the
+ * fdatasync at the end finds most pages already on their way to the disk
+ * instead of starting all of them at once. */
+#define WB_KICK_BYTES (8u << 20)
 
 static int write_back(struct volume *v, struct wb_list *l, struct checkpoint_stats *st) {
     uint8_t *buf = malloc((size_t)WB_RUN_BLOCKS * GLIDE_BLOCK_SIZE);
     if (!buf) return -ENOMEM;
     int rc = 0;
+    size_t unkicked = 0;
     for (size_t i = 0; i < l->n && !rc; i++) {
         struct wb_item *it = &l->items[i];
         uint64_t coff = it->lba * GLIDE_BLOCK_SIZE;
@@ -868,6 +874,12 @@ static int write_back(struct volume *v, struct wb_list *l, struct checkpoint_sta
             if (!rc) rc = pwrite_full(v->cache_fd, buf, bytes, coff);
             st->blocks_written += n;
             i += n - 1;
+            unkicked += bytes;
+            if (unkicked >= WB_KICK_BYTES) {
+                /* Advisory and asynchronous: an error here resurfaces at the fdatasync. */
+                (void)sync_file_range(v->cache_fd, 0, 0, SYNC_FILE_RANGE_WRITE);
+                unkicked = 0;
+            }
         } else {
             int mode = it->kind == WAL_KIND_ZERO_HOLE ? (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
                                                       : (FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE);
@@ -894,18 +906,71 @@ static int sync_installs(struct volume *v, uint64_t seen) {
     return 0;
 }
 
-int volume_checkpoint(struct volume *v, uint64_t upto, struct checkpoint_stats *st) {
+/* Steps 1 and 2 of a checkpoint: after them the synced cache file holds each
+ * block's newest version <= cut. The blocks stay DIRTY (their versions stay in
+ * the index), so nothing reads the copies yet, and neither eviction nor an
+ * install touches a DIRTY block: the copies stay valid until a checkpoint up
+ * to `cut` drops the versions. Caller holds ckpt_mu. */
+static int write_back_upto_locked(struct volume *v, uint64_t cut, struct checkpoint_stats *st) {
+    if (cut <= v->written_back_seq) return 0;
+    /* 1. the records being written back must be durable before the cache file
+     *    holds anything derived from them */
+    int rc = wal_sync_wait(&v->wal, cut);
+    if (rc) return rc;
+
+    /* 2. copy each block's newest version <= cut into the cache file; the
+     *    blocks stay DIRTY meanwhile, so readers keep using the WAL */
+    struct wb_list l = {0};
+    pthread_mutex_lock(&v->idx_mu);
+    rc = block_index_visit_upto(v->bi, cut, collect_wb, &l);
+    pthread_mutex_unlock(&v->idx_mu);
+    if (!rc) {
+        qsort(l.items, l.n, sizeof *l.items, cmp_wb);
+        rc = write_back(v, &l, st);
+    }
+    free(l.items);
+    if (rc) { set_failed(v, -rc); return rc; }
+    crash_point("checkpoint-after-writeback");
+    uint64_t installs = atomic_load(&v->installs);
+    if (fdatasync(v->cache_fd) < 0) { rc = -errno; set_failed(v, errno); return rc; }
+    v->synced_installs = installs;
+    v->written_back_seq = cut;
+    crash_point("checkpoint-after-cache-sync");
+    return 0;
+}
+
+/* Takes ckpt_mu and the cut both halves of a checkpoint work up to: the
+ * sealed end of the WAL, or `upto` if earlier. On error ckpt_mu is not held. */
+static int lock_and_cut(struct volume *v, uint64_t upto, struct checkpoint_stats *st, uint64_t *cut) {
     memset(st, 0, sizeof *st);
     int rc = atomic_load(&v->failed);
     if (rc) return -rc;
     pthread_mutex_lock(&v->ckpt_mu);
-    uint64_t cut;
     pthread_mutex_lock(&v->wal.mu);
-    rc = wal_cut_locked(&v->wal, &cut);
+    rc = wal_cut_locked(&v->wal, cut);
     pthread_mutex_unlock(&v->wal.mu);
-    if (rc) goto out;
-    if (upto < cut) cut = upto;
-    st->cut_seq = cut;
+    if (rc) {
+        pthread_mutex_unlock(&v->ckpt_mu);
+        return rc;
+    }
+    if (upto < *cut) *cut = upto;
+    st->cut_seq = *cut;
+    return 0;
+}
+
+int volume_write_back(struct volume *v, uint64_t upto, struct checkpoint_stats *st) {
+    uint64_t cut;
+    int rc = lock_and_cut(v, upto, st, &cut);
+    if (rc) return rc;
+    if (cut > v->checkpoint_seq) rc = write_back_upto_locked(v, cut, st);
+    pthread_mutex_unlock(&v->ckpt_mu);
+    return rc;
+}
+
+int volume_checkpoint(struct volume *v, uint64_t upto, struct checkpoint_stats *st) {
+    uint64_t cut;
+    int rc = lock_and_cut(v, upto, st, &cut);
+    if (rc) return rc;
     if (cut <= v->checkpoint_seq) {
         /* Nothing to write back, but REMOTE bits set since the last state
          * file (a cold open marking what the store holds) must still be made
@@ -929,30 +994,12 @@ int volume_checkpoint(struct volume *v, uint64_t upto, struct checkpoint_stats *
     }
     crash_point("checkpoint-after-cut");
 
-    /* 1. the records being written back must be durable before the cache file
-     *    holds anything derived from them */
-    rc = wal_sync_wait(&v->wal, cut);
+    /* 1-2. unless volume_write_back already did it up to this cut */
+    rc = write_back_upto_locked(v, cut, st);
     if (rc) goto out;
 
-    /* 2. copy each block's newest version <= cut into the cache file; the
-     *    blocks stay DIRTY meanwhile, so readers keep using the WAL */
-    struct wb_list l = {0};
-    pthread_mutex_lock(&v->idx_mu);
-    rc = block_index_visit_upto(v->bi, cut, collect_wb, &l);
-    pthread_mutex_unlock(&v->idx_mu);
-    if (!rc) {
-        qsort(l.items, l.n, sizeof *l.items, cmp_wb);
-        rc = write_back(v, &l, st);
-    }
-    free(l.items);
-    if (rc) { set_failed(v, -rc); goto out; }
-    crash_point("checkpoint-after-writeback");
-    uint64_t installs = atomic_load(&v->installs);
-    if (fdatasync(v->cache_fd) < 0) { rc = -errno; set_failed(v, errno); goto out; }
-    v->synced_installs = installs;
-    crash_point("checkpoint-after-cache-sync");
-
     /* 3. forget versions <= cut and snapshot the base states as of cut */
+    uint64_t installs;
     struct state_image img;
     pthread_mutex_lock(&v->idx_mu);
     uint64_t before = block_index_version_count(v->bi);

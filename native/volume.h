@@ -80,6 +80,7 @@ struct volume {
     uint64_t checkpoint_seq;
     uint64_t manifest_version;
     uint64_t synced_installs; /* (ckpt_mu) value of `installs` covered by the last cache fdatasync */
+    uint64_t written_back_seq; /* (ckpt_mu) the cache file holds, synced, each block's newest version <= this */
     int remote_changed;       /* (idx_mu) REMOTE bits changed since the last state snapshot */
 
     pthread_mutex_t rmw_mu;  /* serialises read-modify-write of partial blocks */
@@ -136,6 +137,12 @@ int volume_block_status(struct volume *v, uint64_t off, uint64_t len, extent_fn 
 /* Write back every version <= upto (UINT64_MAX: everything so far) into the
  * cache file, persist the state file, delete the WAL segments it covered. */
 int volume_checkpoint(struct volume *v, uint64_t upto, struct checkpoint_stats *st);
+/* The first half of a checkpoint on its own: copy each block's newest version
+ * <= upto into the cache file and sync it, changing no state. A checkpoint
+ * up to the same point then skips straight to dropping versions and writing
+ * the state file, so the flusher can overlap the copy with building packs
+ * and still checkpoint only after its commit. */
+int volume_write_back(struct volume *v, uint64_t upto, struct checkpoint_stats *st);
 
 uint64_t volume_charge(struct volume *v); /* current WAL + index charge */
 
