@@ -28,11 +28,11 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from itertools import islice
+from itertools import compress, islice
 from operator import itemgetter
 
 from glide import _native
-from glide.manifest import Location, Manifest
+from glide.manifest import Manifest, PackBlocks
 from glide.pack import AS_OF_CURRENT, FinishedPack, build_pack
 from glide.store.base import ObjectStore
 
@@ -62,6 +62,8 @@ def _runs(lbas: list[int]) -> list[tuple[int, int]]:
     runs: list[tuple[int, int]] = []
     if not lbas:
         return runs
+    if lbas[-1] - lbas[0] == len(lbas) - 1:  # one run (each block appears once)
+        return [(lbas[0], len(lbas))]
     start = prev = lbas[0]
     for lba in islice(lbas, 1, None):
         if lba != prev + 1:
@@ -111,7 +113,9 @@ class Flusher:
         the volume had a store. Idempotent (content-addressed packs, and a
         crash before the REMOTE bits are persisted just repeats it)."""
         t0 = time.monotonic()
-        local = self.volume.local_only_blocks()
+        # Ascending already (a scan in block order), but the manifest's bulk
+        # apply requires it, so do not lean on how the scan is written.
+        local = sorted(self.volume.local_only_blocks())
         if not local:
             return None
         # These blocks are CLEAN, not versions in the WAL: read what the
@@ -124,10 +128,14 @@ class Flusher:
         vol = self.volume
         data_kind = _native.WAL_KIND_DATA
         # Zeroed and trimmed blocks are never stored: the manifest maps them
-        # to zeros. Data blocks that turn out to be all zeros join them.
-        changes: dict[int, Location | None] = dict.fromkeys(
-            (lba for lba, kind in blocks if kind != data_kind), None)
+        # to zeros. Data blocks that turn out to be all zeros do too: a whole
+        # chunk of them joins `zeros`, others stay in their pack as entry -1.
+        zeros = [lba for lba, kind in blocks if kind != data_kind]
         data = [lba for lba, kind in blocks if kind == data_kind]
+        # Recorded per pack, not per block: the manifest applies a pack's
+        # blocks a leaf at a time, so a flush costs no Python per block there.
+        placed: list[PackBlocks] = []
+        zeroed_in_packs: list[int] = []  # all-zero data blocks inside built packs
         # pack_target counts raw input: a pack's size is only known once
         # built, and at most pack_target/4096 entries keeps it under target.
         per_pack = max(1, self.pack_target // BLOCK)
@@ -154,20 +162,20 @@ class Flusher:
                     fp, entries = building.result()
                     building = builder.submit(build, chunks[n + 1]) if n + 1 < len(chunks) else None
                     if fp is None:  # every block of the chunk was zeros
-                        changes.update(dict.fromkeys(lbas, None))
+                        zeros += lbas
                         continue
                     while len(uploads) >= max_pending:
                         uploads.popleft().result()
                     uploads.append(pool.submit(self.store.put, fp.object_key, fp.data))
                     packs += 1
                     pack_bytes += len(fp.data)
-                    key, ioff, ilen = fp.key, fp.index_offset, fp.index_length
-                    for lba, entry in zip(lbas, entries, strict=True):
-                        if entry < 0:
-                            changes[lba] = None
-                        else:
-                            changes[lba] = Location(key, ioff, ilen, entry)
-                            stored.append(lba)
+                    placed.append(PackBlocks.of(fp, lbas, entries))
+                    if -1 in entries:
+                        keep = [entry >= 0 for entry in entries]
+                        stored += compress(lbas, keep)
+                        zeroed_in_packs += compress(lbas, [not k for k in keep])
+                    else:
+                        stored += lbas
                 while uploads:
                     uploads.popleft().result()  # an upload error ends the cycle before any commit
             except BaseException:
@@ -177,11 +185,11 @@ class Flusher:
                     f.cancel()
                 raise
 
-        self.manifest.apply(changes)
+        self.manifest.apply_packs(placed, zeros)
         self.manifest.commit(self.store, cut_seq=cut)
         manifest_bytes = self.manifest.stats.bytes_put if self.manifest.stats else 0
 
-        zeroed = sorted(lba for lba, loc in changes.items() if loc is None)
+        zeroed = sorted(zeros + zeroed_in_packs)
         for first, count in _runs(stored):
             vol.set_remote(first, count, True)
         for first, count in _runs(zeroed):

@@ -77,10 +77,13 @@ import sys
 import threading
 import time
 from array import array
+from bisect import bisect_left
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from itertools import islice
+from operator import lt
 from typing import Any, Final, NamedTuple, TypeVar
 
 import xxhash
@@ -105,7 +108,7 @@ from glide.store.base import (
 
 __all__ = [
     "CommitStats", "Fenced", "FormatError", "Location", "Manifest", "MissingNode", "NotOwner",
-    "Root", "VolumeExists", "bench_commit_cost", "reachable_keys",
+    "PackBlocks", "Root", "VolumeExists", "bench_commit_cost", "reachable_keys",
 ]
 
 LEAF_SPAN: Final = 4096
@@ -150,6 +153,7 @@ _ROOT_FIELDS: Final = frozenset({
 })
 _LITTLE: Final = sys.byteorder == "little"
 _ABSENT: Final = -1
+_INTS: Final = frozenset({int})
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -198,6 +202,30 @@ class Location(NamedTuple):
     @classmethod
     def in_pack(cls, pack: FinishedPack, entry: int) -> Location:
         return cls(pack.key, pack.index_offset, pack.index_length, entry)
+
+
+class PackBlocks(NamedTuple):
+    """Where one pack put a flush's blocks, for `Manifest.apply_packs`: block
+    `lbas[i]` is entry `entries[i]` of pack `pack_key` (index: the
+    `index_length` bytes at `index_offset`), or reads as zeros if that entry
+    is -1 (a block the pack builder found to be all zeros). `lbas` is
+    strictly ascending; `entries` is as long, in any order, repeats allowed
+    (dedup)."""
+
+    pack_key: str
+    index_offset: int
+    index_length: int
+    lbas: Sequence[int]
+    entries: Sequence[int]
+
+    @classmethod
+    def of(cls, pack: FinishedPack, lbas: Sequence[int], entries: Sequence[int]) -> PackBlocks:
+        return cls(pack.key, pack.index_offset, pack.index_length, lbas, entries)
+
+
+# One leaf's share of an apply_packs: (pack ref or None for zeros, strictly
+# ascending lbas inside the leaf, their entries or None, how many are -1).
+_Run = tuple[tuple[str, int, int] | None, list[int], list[int] | None, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -558,19 +586,85 @@ class _Leaf:
                 self.slot_pack[offset] = _ABSENT
                 self.present -= 1
             return
-        key = location.pack_key
-        ref = self.pack_ids.get(key)
-        if ref is None:
-            ref = self.pack_ids[key] = len(self.packs)
-            self.packs.append((key, location.index_offset, location.index_length))
-        elif self.packs[ref][1:] != (location.index_offset, location.index_length):
-            raise ValueError(f"pack {key} given with index {location.index_offset}+"
-                             f"{location.index_length}, earlier with {self.packs[ref][1]}+"
-                             f"{self.packs[ref][2]}")
+        ref = self._ref(location.pack_key, location.index_offset, location.index_length)
         if old < 0:
             self.present += 1
         self.slot_pack[offset] = ref
         self.slot_entry[offset] = location.entry
+
+    def _ref(self, key: str, index_offset: int, index_length: int) -> int:
+        """The number of pack `key` in this leaf's table, added if new."""
+        ref = self.pack_ids.get(key)
+        if ref is None:
+            ref = self.pack_ids[key] = len(self.packs)
+            self.packs.append((key, index_offset, index_length))
+        elif self.packs[ref][1:] != (index_offset, index_length):
+            raise ValueError(f"pack {key} given with index {index_offset}+"
+                             f"{index_length}, earlier with {self.packs[ref][1]}+"
+                             f"{self.packs[ref][2]}")
+        return ref
+
+    def set_run(self, pack: tuple[str, int, int] | None, lbas: list[int],
+                entries: list[int] | None, zeros: int) -> None:
+        """What `set` does for each of `lbas` (strictly ascending, all in
+        this leaf): entry `entries[i]` of `pack`, or absent where that entry
+        is -1 (everywhere when `pack` is None; `zeros` counts the -1s).
+
+        A run of neighbours is a few array slice operations, so a flush
+        costs C-speed work per leaf rather than Python per block; anything
+        else falls back to one loop over the run."""
+        n = len(lbas)
+        start = lbas[0] - self.first
+        stop = start + n
+        contiguous = lbas[-1] - lbas[0] == n - 1  # strictly ascending, so no gaps
+        slot_pack = self.slot_pack
+        if pack is None or zeros == n:
+            if contiguous:
+                absent = slot_pack[start:stop].count(_ABSENT)
+                if absent != n:
+                    self.garbage = True
+                    self.present -= n - absent
+                    slot_pack[start:stop] = array("i", [_ABSENT]) * n
+                return
+            ref = _ABSENT
+        else:
+            # Not added when every block is -1: set() would not add it either.
+            ref = self._ref(*pack)
+            if contiguous:
+                assert entries is not None
+                absent = slot_pack[start:stop].count(_ABSENT)
+                if absent != n:
+                    self.garbage = True
+                self.present += absent - zeros
+                slot_pack[start:stop] = array("i", [ref]) * n
+                if not zeros:
+                    self.slot_entry[start:stop] = array("I", entries)
+                    return
+                # The -1s become 2^32-1 here, under slots made absent just
+                # below: an absent slot's entry is never read.
+                self.slot_entry[start:stop] = array("I", array("i", entries).tobytes())
+                at = -1
+                for _ in range(zeros):
+                    at = entries.index(_ABSENT, at + 1)
+                    slot_pack[start + at] = _ABSENT
+                return
+        first, slot_entry = self.first, self.slot_entry
+        present, garbage = self.present, self.garbage
+        for lba, entry in zip(lbas, entries or [_ABSENT] * n, strict=True):
+            offset = lba - first
+            old = slot_pack[offset]
+            if old >= 0:
+                garbage = True
+            if entry < 0 or ref < 0:
+                if old >= 0:
+                    slot_pack[offset] = _ABSENT
+                    present -= 1
+            else:
+                if old < 0:
+                    present += 1
+                slot_pack[offset] = ref
+                slot_entry[offset] = entry
+        self.present, self.garbage = present, garbage
 
     def items(self) -> Iterator[tuple[int, Location]]:
         for offset in range(self.limit):
@@ -584,17 +678,39 @@ class _Leaf:
         overwritten packs do not pile up in the table. Changes no lookup."""
         self.garbage = False
         slot_pack = self.slot_pack
-        order: dict[int, int] = {}
-        for ref in slot_pack:
-            if ref >= 0 and ref not in order:
-                order[ref] = len(order)
-        if len(order) == len(self.packs) and all(k == v for k, v in order.items()):
-            return
+        npacks = len(self.packs)
+        if npacks < 0xFF:
+            # Every apply that overwrote a block lands here, once per leaf,
+            # so it runs at C speed when it can: a ref below 255 is the low
+            # byte of its slot with the other bytes 0, and an absent slot
+            # (-1) is all 0xFF, so finding refs in first-use order and
+            # renumbering them are bytes.find and bytes.translate over the
+            # slots' low bytes.
+            size = slot_pack.itemsize
+            with memoryview(slot_pack).cast("B") as raw, \
+                    raw[0 if _LITTLE else size - 1::size] as low:
+                lows = low.tobytes()
+                firsts = sorted((lows.find(ref), ref) for ref in range(npacks))
+                order = [ref for at, ref in firsts if at >= 0]
+                if order == list(range(npacks)):
+                    return
+                table = bytearray(range(256))
+                for number, ref in enumerate(order):
+                    table[ref] = number
+                low[:] = lows.translate(table)
+        else:
+            first_use: dict[int, int] = {}
+            for ref in slot_pack:
+                if ref >= 0 and ref not in first_use:
+                    first_use[ref] = len(first_use)
+            order = list(first_use)
+            if order == list(range(npacks)):
+                return
+            for offset, ref in enumerate(slot_pack):
+                if ref >= 0:
+                    slot_pack[offset] = first_use[ref]
         self.packs = [self.packs[ref] for ref in order]
         self.pack_ids = {ref[0]: i for i, ref in enumerate(self.packs)}
-        for offset, ref in enumerate(slot_pack):
-            if ref >= 0:
-                slot_pack[offset] = order[ref]
 
     def encode(self) -> bytes:
         """The canonical leaf body (pack refs numbered in order of first use,
@@ -1017,22 +1133,108 @@ class Manifest:
                 if group is None:
                     group = by_leaf[leaf_no] = []
                 group.append((offset, location))
-            self._apply_grouped(by_leaf)
+            bases = self._bases({leaf_no: any(location is not None for _, location in group)
+                                 for leaf_no, group in by_leaf.items()})
+            # Change private copies (readers never see a half-applied leaf),
+            # then publish them all at once.
+            changed: dict[int, _Leaf] = {}
+            for leaf_no, base in bases.items():
+                leaf = self._private_leaf(leaf_no, base)
+                for offset, location in by_leaf[leaf_no]:
+                    leaf.set(offset, location)
+                if leaf.garbage:
+                    leaf.compact()
+                changed[leaf_no] = leaf
+            with self._lock:
+                self._dirty.update(changed)
 
-    def _apply_grouped(self, by_leaf: dict[int, list[tuple[int, Location | None]]]) -> None:
-        # 1. Find what each changed leaf derives from: a dirty leaf, a cached
-        #    or stored clean one, or nothing (a new leaf).
+    def apply_packs(self, packs: Iterable[PackBlocks], zeros: Iterable[int] = ()) -> None:
+        """Records where one flush put its blocks: the blocks of each pack, and
+        `zeros`, blocks that now read as zeros (any order). The same as
+        `apply` with one Location (or None) per block, with the same rules
+        (every input checked before anything is applied, ValueError if one
+        is bad), but the work per leaf is a few array operations for each run
+        of neighbouring blocks instead of Python per block. A block may be
+        named only once in one call (ValueError otherwise)."""
+        with self._write_lock:
+            self._check_writable()
+            span, nblocks = self._span, self._geo.nblocks
+            refs_ok: dict[str, tuple[int, int, int]] = {}
+            by_leaf: dict[int, list[_Run]] = {}
+            for pack in packs:
+                if not isinstance(pack, PackBlocks):
+                    raise ValueError(f"expected PackBlocks, got {pack!r}")
+                key, index_offset, index_length = pack.pack_key, pack.index_offset, \
+                    pack.index_length
+                known = refs_ok.get(key) if type(key) is str else None
+                if known is None:
+                    check_hex_key(key, "pack key")
+                    try:
+                        count = _pack_ref_entries(index_offset, index_length)
+                    except FormatError as e:
+                        raise ValueError(f"pack {key}: {e}") from None
+                    known = refs_ok[key] = (index_offset, index_length, count)
+                elif known[:2] != (index_offset, index_length):
+                    raise ValueError(f"pack {key} given with two different indexes: "
+                                     f"{known[0]}+{known[1]} and {index_offset}+{index_length}")
+                lbas = _check_blocks(list(pack.lbas), nblocks, f"pack {key}")
+                entries = list(pack.entries)
+                if len(entries) != len(lbas):
+                    raise ValueError(f"pack {key}: {len(lbas)} blocks but "
+                                     f"{len(entries)} entries")
+                if not lbas:
+                    continue
+                count = known[2]
+                if not _INTS.issuperset(map(type, entries)) or min(entries) < _ABSENT or \
+                        max(entries) >= count:
+                    bad = next(i for i, e in enumerate(entries)
+                               if type(e) is not int or not _ABSENT <= e < count)
+                    raise ValueError(f"block {lbas[bad]}: entry {entries[bad]!r} is not in "
+                                     f"pack {key} ({count} entries, or -1 for zeros)")
+                ref = (key, index_offset, index_length)
+                for leaf_no, i, j in _leaf_slices(lbas, span):
+                    run_entries = entries[i:j]
+                    by_leaf.setdefault(leaf_no, []).append(
+                        (ref, lbas[i:j], run_entries, run_entries.count(_ABSENT)))
+            zero_lbas = _check_blocks(list(zeros), nblocks, "zeros", sort=True)
+            for leaf_no, i, j in _leaf_slices(zero_lbas, span):
+                by_leaf.setdefault(leaf_no, []).append((None, zero_lbas[i:j], None, j - i))
+            for runs in by_leaf.values():
+                if len(runs) > 1:
+                    _check_disjoint(runs)
+
+            bases = self._bases({leaf_no: any(pack is not None and zeros < len(lbas)
+                                              for pack, lbas, _, zeros in runs)
+                                 for leaf_no, runs in by_leaf.items()})
+            changed: dict[int, _Leaf] = {}
+            for leaf_no, base in bases.items():
+                leaf = self._private_leaf(leaf_no, base)
+                for run in by_leaf[leaf_no]:
+                    leaf.set_run(*run)
+                if leaf.garbage:
+                    leaf.compact()
+                changed[leaf_no] = leaf
+            with self._lock:
+                self._dirty.update(changed)
+
+    def _private_leaf(self, leaf_no: int, base: _Leaf | None) -> _Leaf:
+        if base is None:
+            return _Leaf(leaf_no * self._span, self._span, self._geo.leaf_limit(leaf_no))
+        return base.copy()
+
+    def _bases(self, creates: dict[int, bool]) -> dict[int, _Leaf | None]:
+        """What each leaf to change derives from: a dirty leaf, a cached or
+        stored clean one, or None (a new leaf). A leaf that is absent and
+        whose `creates` is False (only zeroing) is left out: zeroing blocks
+        of an absent leaf changes nothing, so no inner nodes are made for it."""
         bases: dict[int, _Leaf | None] = {}
         to_load: list[tuple[int, bytes]] = []
-        for leaf_no, group in by_leaf.items():
+        for leaf_no, create in creates.items():
             with self._lock:
                 leaf = self._dirty.get(leaf_no)
             if leaf is not None:
                 bases[leaf_no] = leaf
                 continue
-            # Zeroing blocks of an absent leaf changes nothing: do not create
-            # inner nodes for it.
-            create = any(location is not None for _, location in group)
             digest = self._leaf_digest(leaf_no, create=create)
             if digest is None:
                 if create:
@@ -1048,21 +1250,7 @@ class Manifest:
                 to_load, _parallel(lambda item: self._load_leaf(*item), to_load, self._workers),
                 strict=True):
             bases[leaf_no] = leaf
-        # 2. Change private copies (readers never see a half-applied leaf),
-        #    then publish them all at once.
-        changed: dict[int, _Leaf] = {}
-        for leaf_no, base in bases.items():
-            if base is None:
-                leaf = _Leaf(leaf_no * self._span, self._span, self._geo.leaf_limit(leaf_no))
-            else:
-                leaf = base.copy()
-            for offset, location in by_leaf[leaf_no]:
-                leaf.set(offset, location)
-            if leaf.garbage:
-                leaf.compact()
-            changed[leaf_no] = leaf
-        with self._lock:
-            self._dirty.update(changed)
+        return bases
 
     def commit(self, store: ObjectStore | None = None, *, cut_seq: int | None = None,
                meta: Mapping[str, Any] | None = None) -> str:
@@ -1314,6 +1502,51 @@ def _check_location_ref(location: Location) -> int:
         return _pack_ref_entries(location.index_offset, location.index_length)
     except FormatError as e:
         raise ValueError(f"pack {location.pack_key}: {e}") from None
+
+
+def _check_blocks(lbas: list[int], nblocks: int, what: str, *, sort: bool = False) -> list[int]:
+    """`lbas` (sorted in place first if `sort`) if they are block numbers of
+    the volume in strictly ascending order, else ValueError. C-speed passes,
+    no Python per block."""
+    if not lbas:
+        return lbas
+    if not _INTS.issuperset(map(type, lbas)):
+        bad = next(lba for lba in lbas if type(lba) is not int)
+        raise ValueError(f"{what}: block {bad!r} is outside the volume (0..{nblocks - 1})")
+    if sort:
+        lbas.sort()
+    if not all(map(lt, lbas, islice(lbas, 1, None))):
+        raise ValueError(f"{what}: blocks are not strictly ascending (sorted, each once)")
+    if lbas[0] < 0 or lbas[-1] >= nblocks:
+        bad = lbas[0] if lbas[0] < 0 else lbas[-1]
+        raise ValueError(f"{what}: block {bad} is outside the volume (0..{nblocks - 1})")
+    return lbas
+
+
+def _leaf_slices(lbas: list[int], span: int) -> Iterator[tuple[int, int, int]]:
+    """(leaf number, start, stop) of each slice of ascending `lbas` that falls
+    in one leaf; one bisection per leaf touched."""
+    i, n = 0, len(lbas)
+    while i < n:
+        leaf_no = lbas[i] // span
+        j = bisect_left(lbas, (leaf_no + 1) * span, i)
+        yield leaf_no, i, j
+        i = j
+
+
+def _check_disjoint(runs: list[_Run]) -> None:
+    """ValueError if two runs of one leaf name the same block."""
+    ordered = sorted(runs, key=lambda run: run[1][0])
+    if all(a[1][-1] < b[1][0] for a, b in zip(ordered, ordered[1:], strict=False)):
+        return
+    # Interleaved runs (zeros among a pack's blocks, say): compare as sets.
+    seen: set[int] = set()
+    for _, lbas, _, _ in runs:
+        if not seen.isdisjoint(lbas):
+            bad = min(seen.intersection(lbas))
+            raise ValueError(f"block {bad} is given twice (a block has one location per "
+                             f"apply)")
+        seen.update(lbas)
 
 
 # --- GC -----------------------------------------------------------------------

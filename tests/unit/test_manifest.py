@@ -496,6 +496,247 @@ def test_bad_changes_are_refused_and_nothing_is_applied(store: LocalDirStore) ->
             manifest.lookup(lba)  # type: ignore[arg-type]
 
 
+# --- apply_packs: a flush's blocks per pack, against apply ------------------------
+
+
+def random_flush(rng: random.Random, nblocks: int, round_no: int, per_pack: int
+                 ) -> tuple[list[mf.PackBlocks], list[int], dict[int, Location | None]]:
+    """One flush as the flusher records it: unique blocks, the data ones
+    chunked into packs in block order (entries mostly 0, 1, 2..., some
+    repeating an earlier one as dedup does, some -1 for all-zero blocks),
+    the rest zeros; and the same as `apply` changes."""
+    chosen: set[int] = set()
+    for _ in range(rng.randrange(1, 6)):
+        # Runs (sequential writes, often across leaves) and scattered blocks.
+        start = rng.randrange(nblocks)
+        length = rng.choice([1, 3, 17, 64, 300])
+        chosen.update(range(start, min(nblocks, start + length)))
+    chosen.update(rng.sample(range(nblocks), rng.randrange(40)))
+    if rng.random() < 0.2:
+        chosen.update(range(nblocks - rng.randrange(1, 20), nblocks))  # the volume's tail
+    blocks = sorted(chosen)
+    zero_share = rng.choice([0.0, 0.05, 0.3])
+    data = [lba for lba in blocks if rng.random() >= zero_share]
+    zeros = sorted(set(blocks) - set(data))
+    packs: list[mf.PackBlocks] = []
+    changes: dict[int, Location | None] = dict.fromkeys(zeros)
+    for n, first in enumerate(range(0, len(data), per_pack)):
+        lbas = data[first: first + per_pack]
+        entries: list[int] = []
+        stored = 0
+        for _ in lbas:
+            roll = rng.random()
+            if roll < 0.1:
+                entries.append(-1)
+            elif roll < 0.25 and stored:
+                entries.append(rng.randrange(stored))
+            else:
+                entries.append(stored)
+                stored += 1
+        if rng.random() < 0.1:
+            # A pack from an earlier round again (same key, same index): a
+            # leaf may already list it.
+            pack_no = rng.randrange(max(1, round_no)) * 100
+        else:
+            pack_no = round_no * 100 + n
+        key, offset, length, count = fake_pack(pack_no, per_pack)
+        assert max(entries) < count
+        packs.append(mf.PackBlocks(key, offset, length, lbas, entries))
+        for lba, entry in zip(lbas, entries, strict=True):
+            changes[lba] = None if entry < 0 else Location(key, offset, length, entry)
+    rng.shuffle(zeros)  # any order
+    return packs, zeros, changes
+
+
+def check_leaves_alike(a: Manifest, b: Manifest) -> None:
+    assert sorted(a._dirty) == sorted(b._dirty)
+    for leaf_no, leaf_a in a._dirty.items():
+        leaf_b = b._dirty[leaf_no]
+        assert leaf_b.encode() == leaf_a.encode(), leaf_no
+        for leaf in (leaf_a, leaf_b):
+            used = {ref for ref in leaf.slot_pack if ref >= 0}
+            assert leaf.present == sum(ref >= 0 for ref in leaf.slot_pack)
+            assert not leaf.garbage
+            assert used == set(range(len(leaf.packs)))  # compacted: no unused refs
+            assert leaf.pack_ids == {key: i for i, (key, _, _) in enumerate(leaf.packs)}
+            assert not any(ref >= 0 for ref in leaf.slot_pack[leaf.limit:])
+
+
+@pytest.mark.parametrize("span,blocks,per_pack", [(8, 1997, 64), (64, 3000, 700),
+                                                    (64, 3000, 4096)])
+def test_apply_packs_matches_apply(tmp_path: Path, span: int, blocks: int,
+                                   per_pack: int) -> None:
+    rng = random.Random(span * 7919 + per_pack)
+    by_block = small(LocalDirStore(tmp_path / "a"), blocks=blocks, leaf_span=span, leaf_cache=4)
+    by_pack = small(LocalDirStore(tmp_path / "b"), blocks=blocks, leaf_span=span, leaf_cache=4)
+    model: dict[int, Location] = {}
+    for round_no in range(30):
+        packs, zeros, changes = random_flush(rng, blocks, round_no, per_pack)
+        by_block.apply(changes)
+        by_pack.apply_packs(packs, zeros)
+        for lba, location in changes.items():
+            if location is None:
+                model.pop(lba, None)
+            else:
+                model[lba] = location
+        check_leaves_alike(by_block, by_pack)
+        check_equal(by_pack, model)
+        if rng.random() < 0.5:
+            by_block.commit(cut_seq=round_no)
+            by_pack.commit(cut_seq=round_no)
+            assert by_pack.root.encode() == by_block.root.encode()
+            assert by_pack.stats is not None and by_block.stats is not None
+            assert (by_pack.stats.leaf_bytes, by_pack.stats.inner_bytes) == (
+                by_block.stats.leaf_bytes, by_block.stats.inner_bytes)
+    by_block.commit()
+    by_pack.commit()
+    assert by_pack.root.encode() == by_block.root.encode()
+    assert node_keys(by_pack.store) == node_keys(by_block.store)
+    check_equal(Manifest.open(by_pack.store, "vol"), model)
+
+
+def test_apply_packs_runs_across_leaves_and_the_tail(store: LocalDirStore) -> None:
+    manifest = small(store, blocks=1997)  # leaves of 8: the last holds 5 blocks
+    key, offset, length, _ = fake_pack(1, 4096)
+    lbas = list(range(3, 1997))
+    entries = list(range(len(lbas)))
+    entries[10] = entries[20] = 3  # dedup
+    entries[30] = -1  # an all-zero block inside a run
+    manifest.apply_packs([mf.PackBlocks(key, offset, length, lbas, entries)], zeros=[0, 2])
+    expected = {lba: Location(key, offset, length, e)
+                for lba, e in zip(lbas, entries, strict=True) if e >= 0}
+    check_equal(manifest, expected)
+    assert sum(leaf.present for leaf in manifest._dirty.values()) == len(expected)
+    # Overwrite part of it: zeros over a run, another pack over scattered
+    # blocks, so the first pack loses blocks and some leaves lose it.
+    other, o_offset, o_length, _ = fake_pack(2, 4096)
+    scattered = list(range(1000, 1997, 3))
+    manifest.apply_packs([mf.PackBlocks(other, o_offset, o_length, scattered,
+                                        list(range(len(scattered))))],
+                         zeros=range(100, 200))
+    for n, lba in enumerate(scattered):
+        expected[lba] = Location(other, o_offset, o_length, n)
+    for lba in range(100, 200):
+        expected.pop(lba, None)
+    check_equal(manifest, expected)
+    manifest.commit()
+    check_equal(Manifest.open(store, "vol"), expected)
+
+
+def test_apply_packs_zero_only_runs_create_nothing(store: LocalDirStore) -> None:
+    manifest = small(store)
+    a, b = fake_pack(1), fake_pack(2)
+    all_zero = mf.PackBlocks(a[0], a[1], a[2], [8, 9], [-1, -1])
+    manifest.apply_packs([all_zero], zeros=[100, 3])
+    assert not manifest.dirty  # as apply() with only None: no leaf, no inner node
+    # A leaf whose first run is all zeros still gets the data of the next.
+    manifest.apply_packs([all_zero, mf.PackBlocks(b[0], b[1], b[2], [10, 12], [5, -1])])
+    assert [manifest.lookup(lba) for lba in (8, 9, 10, 12)] == [None, None, loc(2, 5), None]
+    assert [key for key, _, _ in manifest._dirty[1].packs] == [b[0]]
+
+
+def reference_compact(leaf: mf._Leaf) -> None:
+    """What _Leaf.compact must do, written plainly."""
+    order: dict[int, int] = {}
+    for ref in leaf.slot_pack:
+        if ref >= 0 and ref not in order:
+            order[ref] = len(order)
+    leaf.packs = [leaf.packs[ref] for ref in order]
+    leaf.pack_ids = {key: i for i, (key, _, _) in enumerate(leaf.packs)}
+    for offset, ref in enumerate(leaf.slot_pack):
+        if ref >= 0:
+            leaf.slot_pack[offset] = order[ref]
+    leaf.garbage = False
+
+
+@pytest.mark.parametrize("npacks", [1, 2, 7, 254, 255, 256, 300, 1000])
+def test_compact_matches_reference(npacks: int) -> None:
+    rng = random.Random(npacks)
+    for _ in range(20):
+        span = rng.choice([8, 4096])
+        leaf = leaf_with(span, span, {o: loc(rng.randrange(npacks), o % 64)
+                                      for o in range(span) if rng.random() < 0.7})
+        # Overwrite some, so refs go unused and first use moves.
+        for o in rng.sample(range(span), span // 3):
+            leaf.set(o, None if rng.random() < 0.3 else loc(rng.randrange(npacks), 1))
+        before = {o: leaf.get(o) for o in range(span)}
+        expected = leaf.copy()
+        reference_compact(expected)
+        leaf.compact()
+        assert leaf.slot_pack == expected.slot_pack
+        assert (leaf.packs, leaf.pack_ids, leaf.garbage) == (
+            expected.packs, expected.pack_ids, False)
+        assert {o: leaf.get(o) for o in range(span)} == before
+
+
+def test_bad_apply_packs_are_refused_and_nothing_is_applied(store: LocalDirStore) -> None:
+    manifest = small(store)
+    key, offset, length, count = fake_pack(0)
+    manifest.apply({7: loc(5, 5)})
+    manifest.commit()
+    before = {lba: manifest.lookup(lba) for lba in range(2000)}
+    etag = manifest.etag
+
+    def pack(lbas: object, entries: object, **kw: object) -> mf.PackBlocks:
+        fields: dict = {"pack_key": key, "index_offset": offset, "index_length": length}
+        fields.update(kw)
+        return mf.PackBlocks(lbas=lbas, entries=entries, **fields)  # type: ignore[arg-type]
+
+    good = pack([1500, 1501, 1502], [0, 1, 2])
+    p5, p5_offset, p5_length, _ = fake_pack(5)
+    outside = "outside the volume"
+    key9 = fake_pack(9)[0]
+    bad_cases: list[tuple[list, list, str]] = [
+        ([pack([1999, 2000], [0, 1])], [], outside),
+        ([pack([-1, 0], [0, 1])], [], outside),
+        ([pack([True, 2], [0, 1])], [], outside),
+        ([pack([1.0, 2], [0, 1])], [], outside),
+        ([pack(["1"], [0])], [], outside),
+        ([pack([3, 2], [0, 1])], [], "ascending"),
+        ([pack([2, 2], [0, 1])], [], "ascending"),
+        ([pack([2, 3], [0])], [], "2 blocks but 1 entries"),
+        ([pack([2], [count])], [], "entry 64 is not in"),
+        ([pack([2], [-2])], [], "entry -2 is not in"),
+        ([pack([2], [True])], [], "entry True is not in"),
+        ([pack([2], [0.0])], [], "entry 0.0 is not in"),
+        ([pack([2], [0], pack_key="XY" * 16)], [], "hex digits"),
+        ([pack([2], [0], pack_key=None)], [], "hex digits"),
+        ([pack([2], [0], pack_key=key9, index_length=33)], [], f"pack {key9}: .*index"),
+        ([pack([2], [0], pack_key=key9, index_offset=3)], [], "offset 3 impossible"),
+        ([pack([2], [0], index_offset=offset + 1)], [], "two different indexes"),
+        ([(key, offset, length, [2], [0])], [], "expected PackBlocks"),
+        ([pack([2, 3], [0, 1])], [3], "block 3 is given twice"),
+        ([pack([2, 3], [0, 1]), pack([1, 3], [2, 3])], [], "block 3 is given twice"),
+        ([pack([0, 1, 2, 3, 4, 5], [0, -1, 0, -1, 0, 0]), pack([3, 9], [2, 3])], [],
+         "block 3 is given twice"),
+        ([], [9, 8, 9], "ascending"),
+        ([], [2000], outside),
+        ([], [-1], outside),
+        ([], [False], outside),
+        ([], ["3"], outside),
+        # Pack 5 is in block 7's leaf with another index: found only while
+        # changing the (private) copy of that leaf.
+        ([pack([6], [0], pack_key=p5, index_offset=p5_offset + 1,
+               index_length=p5_length)], [], "earlier with"),
+    ]
+    for packs, zeros, message in bad_cases:
+        with pytest.raises(ValueError, match=message):
+            manifest.apply_packs([good, *packs], zeros)
+        assert not manifest.dirty, (packs, zeros)
+        assert {lba: manifest.lookup(lba) for lba in range(2000)} == before
+    # The same pack over blocks of both kinds of leaf (clean, dirty) is fine.
+    manifest.apply_packs([good, pack([6], [0], pack_key=p5, index_offset=p5_offset,
+                                     index_length=p5_length)])
+    assert manifest.lookup(6) == loc(5, 0) and manifest.lookup(1501) == Location(key, offset,
+                                                                                 length, 1)
+    manifest.commit()
+    assert manifest.etag != etag
+    # Empty input is fine and changes nothing.
+    manifest.apply_packs([], [])
+    manifest.apply_packs([pack([], [])])
+    assert not manifest.dirty
+
+
 def test_create_open_and_ownership_rules(store: LocalDirStore) -> None:
     small(store)
     with pytest.raises(VolumeExists):
