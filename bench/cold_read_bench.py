@@ -29,25 +29,21 @@ are noisy; compare rows of one run, not runs.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
-REPO = Path(__file__).resolve().parents[1]
+from servers import cpu_model, die_with_parent, free_port, run_fio, spawn_glidefs, stop_process
+
 MiB = 1 << 20
 BLOCK = 4096
 VOLUME = "bench"
@@ -61,26 +57,6 @@ FAKE_AWS = {
     "AWS_EC2_METADATA_DISABLED": "true",
 }
 STORES = ("local", "s3")
-_LIBC = ctypes.CDLL(None, use_errno=True)
-PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:
-    """preexec_fn: the child (daemon, moto) gets SIGTERM if this script dies,
-    even by SIGKILL (a test's timeout), so no server outlives the bench."""
-    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _drain(stream: IO[str], log: Path) -> None:
-    with open(log, "a") as lf:
-        for line in stream:
-            lf.write(line)
 
 
 @dataclass
@@ -92,16 +68,10 @@ class Daemon:
 
     def stop(self, timeout: float = 120) -> int:
         """SIGTERM (drain + final flush) and the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise RuntimeError(
-                    f"glidefs did not stop within {timeout} s: {self.log.read_text()[-2000:]}"
-                ) from None
+        if not stop_process(self.proc, timeout):
+            raise RuntimeError(
+                f"glidefs did not stop within {timeout} s: {self.log.read_text()[-2000:]}"
+            )
         return self.proc.returncode
 
     def kill(self) -> None:
@@ -116,34 +86,11 @@ def start_daemon(
     data = work / tag
     sock = str(work / f"{tag}.sock")
     log = work / f"{tag}.log"
-    cmd = [
-        sys.executable, "-m", "glide", "serve",
+    args = [
         "--data-dir", str(data), "--nbd-unix", sock, "--nbd-tcp", "none",
         "--volume", f"{VOLUME}:{size}", *store_args,
     ]  # fmt: skip
-    with open(log, "w") as lf:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=lf,
-            text=True,
-            cwd=REPO,
-            env=env,
-            preexec_fn=die_with_parent,
-        )
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            proc.wait()
-            raise RuntimeError(f"glidefs exited with {proc.returncode}: {log.read_text()[-2000:]}")
-        if line.startswith("glidefs: ready"):
-            break
-    else:
-        proc.kill()
-        raise RuntimeError("glidefs did not become ready")
-    threading.Thread(target=_drain, args=(proc.stdout, log), daemon=True).start()
+    proc = spawn_glidefs(args, log, env)
     return Daemon(proc, f"nbd+unix:///{VOLUME}?socket={sock}", log, data)
 
 
@@ -154,13 +101,17 @@ class Moto:
     log: Path
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 10)
+
+    def client(self):  # noqa: ANN201 - boto3 is imported lazily
+        """A boto3 S3 client on the server, with the fake credentials."""
+        import boto3
+
+        return boto3.session.Session(
+            aws_access_key_id=FAKE_AWS["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=FAKE_AWS["AWS_SECRET_ACCESS_KEY"],
+            region_name=FAKE_AWS["AWS_DEFAULT_REGION"],
+        ).client("s3", endpoint_url=self.endpoint)
 
     def log_size(self) -> int:
         return self.log.stat().st_size
@@ -199,13 +150,7 @@ def start_moto(work: Path) -> Moto:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"moto did not start: {log.read_text()}") from None
                 time.sleep(0.1)
-        import boto3
-
-        client = boto3.session.Session(
-            aws_access_key_id=FAKE_AWS["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=FAKE_AWS["AWS_SECRET_ACCESS_KEY"],
-            region_name=FAKE_AWS["AWS_DEFAULT_REGION"],
-        ).client("s3", endpoint_url=moto.endpoint)
+        client = moto.client()
         client.create_bucket(Bucket=BUCKET)
         client.close()
     except BaseException:
@@ -215,13 +160,7 @@ def start_moto(work: Path) -> Moto:
 
 
 def s3_bytes(moto: Moto, prefix: str) -> int:
-    import boto3
-
-    client = boto3.session.Session(
-        aws_access_key_id=FAKE_AWS["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=FAKE_AWS["AWS_SECRET_ACCESS_KEY"],
-        region_name=FAKE_AWS["AWS_DEFAULT_REGION"],
-    ).client("s3", endpoint_url=moto.endpoint)
+    client = moto.client()
     total = 0
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
         total += sum(o["Size"] for o in page.get("Contents", []))
@@ -231,22 +170,6 @@ def s3_bytes(moto: Moto, prefix: str) -> int:
 
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def run_fio(uri: str, args: list[str], out: Path, timeout: float = 600) -> dict:
-    cmd = [
-        "fio", "--output-format=json", f"--output={out}",
-        "--name=cold", "--ioengine=nbd", f"--uri={uri}", *args,
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=out.parent)
-    text = out.read_text() if out.exists() else ""
-    start = text.find("{")
-    if proc.returncode != 0 or start < 0:
-        raise RuntimeError(f"fio failed ({proc.returncode}): {cmd}\n{proc.stderr}\n{text[-2000:]}")
-    job = json.loads(text[start:])["jobs"][0]
-    if job["error"]:
-        raise RuntimeError(f"fio job error {job['error']}: {cmd}")
-    return job
 
 
 @dataclass
@@ -270,7 +193,7 @@ def populate(work: Path, st: Store, size: int) -> str:
             "--rw=write", "--bs=1m", "--iodepth=8", f"--size={size}",
             "--buffer_compress_percentage=50", "--buffer_compress_chunk=4k",
             "--refill_buffers", "--randseed=42",
-        ], work / f"pop-{st.name}.json")  # fmt: skip
+        ], work / f"pop-{st.name}.json", name="cold")  # fmt: skip
         t1 = time.monotonic()
         rc = d.stop()
         t2 = time.monotonic()
@@ -312,7 +235,7 @@ def measure(
         before = cache.stat().st_blocks if cache.exists() else 0
         mark = moto.log_size() if moto else 0
         for phase in ("cold", "warm"):
-            job = run_fio(d.uri, common, work / f"{tag}-{phase}.json")
+            job = run_fio(d.uri, common, work / f"{tag}-{phase}.json", name="cold")
             rd = job["read"]
             if rd["total_ios"] != reads:
                 raise RuntimeError(f"{st.name} {phase}: {rd['total_ios']} reads, expected {reads}")
@@ -432,14 +355,7 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
     elapsed = time.monotonic() - started
 
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     print(
         f"\n### Cold 4 KiB random reads after a cold open, fio nbd engine, iodepth 1, "
         f"median of {repeat}\n"

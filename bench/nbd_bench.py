@@ -27,19 +27,17 @@ import os
 import platform
 import shlex
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
-REPO = Path(__file__).resolve().parents[1]
+from servers import cpu_model, free_port, run_fio, spawn_glidefs, stop_process
+
 MiB = 1 << 20
 
 # name, fio arguments, which direction's figures count, unit shown
@@ -62,12 +60,6 @@ def parse_size(text: str) -> int:
     t = text.strip().upper().removesuffix("IB").removesuffix("B")
     num = t.rstrip("KMGT")
     return int(num) * units[t[len(num) :]]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for_socket(path: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
@@ -95,19 +87,7 @@ class Server:
     results: dict[str, list[float]] = field(default_factory=dict)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def _drain(stream: IO[str], log: Path) -> None:
-    with open(log, "a") as lf:
-        for line in stream:
-            lf.write(line)
+        stop_process(self.proc, 60)
 
 
 GLIDEFS_ARGS: list[str] = []  # --glidefs-args, appended to `glidefs serve`
@@ -117,30 +97,14 @@ def start_glidefs(work: Path, size: int) -> Server:
     data = work / "glidefs-data"
     sock = str(work / "glidefs.sock")
     log = work / "glidefs.log"
-    cmd = [
-        sys.executable, "-m", "glide", "serve",
+    args = [
         "--data-dir", str(data),
         "--nbd-unix", sock,
         "--nbd-tcp", f"127.0.0.1:{free_port()}",
         "--volume", f"bench:{size}",
         *GLIDEFS_ARGS,
     ]  # fmt: skip
-    with open(log, "w") as lf:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=lf, text=True, cwd=REPO)
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"glidefs exited: {log.read_text()[-2000:]}")
-        if line.startswith("glidefs: ready"):
-            break
-    else:
-        proc.kill()
-        raise RuntimeError("glidefs did not become ready")
-    # Keep draining stdout, so the daemon never blocks on (or dies of) a full or
-    # closed pipe.
-    threading.Thread(target=_drain, args=(proc.stdout, log), daemon=True).start()
+    proc = spawn_glidefs(args, log)
     return Server("glidefs", f"nbd+unix:///bench?socket={sock}", proc, log)
 
 
@@ -179,34 +143,7 @@ def start_qemu_nbd(work: Path, size: int) -> Server:
 STARTERS = {"glidefs": start_glidefs, "nbdkit": start_nbdkit, "qemu-nbd": start_qemu_nbd}
 
 
-def run_fio(uri: str, args: list[str], out: Path, timeout: float) -> dict:
-    cmd = [
-        "fio", "--output-format=json", f"--output={out}",
-        "--name=bench", "--ioengine=nbd", f"--uri={uri}", "--group_reporting",
-        *args,
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=out.parent)
-    text = out.read_text() if out.exists() else ""
-    start = text.find("{")
-    if proc.returncode != 0 or start < 0:
-        raise RuntimeError(f"fio failed ({proc.returncode}): {cmd}\n{proc.stderr}\n{text[-2000:]}")
-    doc = json.loads(text[start:])
-    job = doc["jobs"][0]
-    if job["error"]:
-        raise RuntimeError(f"fio job error {job['error']}: {cmd}")
-    return job
-
-
 def machine_info(work: Path) -> dict[str, str]:
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-
     def version(cmd: list[str]) -> str:
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout
@@ -218,7 +155,7 @@ def machine_info(work: Path) -> dict[str, str]:
     return {
         "nproc": str(os.cpu_count()),
         "kernel": platform.release(),
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "memory": version(["sh", "-c", "free -h | awk '/Mem:/ {print $2}'"]),
         "filesystem": fs,
         "fio": version(["fio", "--version"]),

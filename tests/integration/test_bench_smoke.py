@@ -1,10 +1,11 @@
-"""The NBD benchmark script runs end to end (a smoke run: no timing is judged)."""
+"""The benchmark scripts in bench/ run end to end (smoke runs: no timing is judged)."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +29,19 @@ def _processes_mentioning(text: str) -> dict[int, str]:
     return found
 
 
+def _run_bench(cmd: list[str], tmp_short: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Runs a bench script whose servers all work under `tmp_short`."""
+    try:
+        proc = run(cmd, timeout=timeout)
+    finally:
+        # Whatever happened, no server the script started may outlive it.
+        leftovers = _processes_mentioning(str(tmp_short))
+        for pid in leftovers:
+            os.kill(pid, signal.SIGKILL)
+    assert not leftovers, f"the benchmark left servers running: {leftovers}"
+    return proc
+
+
 def test_bench_quick(tmp_short: Path) -> None:
     out = tmp_short / "bench.json"
     cmd = [
@@ -35,14 +49,7 @@ def test_bench_quick(tmp_short: Path) -> None:
         "--size", "32M", "--runtime", "0.5", "--dir", str(tmp_short / "work"),
         "--json", str(out),
     ]  # fmt: skip
-    try:
-        proc = run(cmd, timeout=300)
-    finally:
-        # Whatever happened, no server the script started may outlive it.
-        leftovers = _processes_mentioning(str(tmp_short))
-        for pid in leftovers:
-            os.kill(pid, signal.SIGKILL)
-    assert not leftovers, f"the benchmark left servers running: {leftovers}"
+    proc = _run_bench(cmd, tmp_short, timeout=300)
     doc = json.loads(out.read_text())
     for server in SERVERS:
         medians = doc["median"][server]
@@ -84,13 +91,7 @@ def test_cold_read_bench_smoke(tmp_short: Path) -> None:
         sys.executable, str(REPO / "bench" / "cold_read_bench.py"), "--smoke",
         "--dir", str(tmp_short / "work"), "--json", str(out),
     ]  # fmt: skip
-    try:
-        proc = run(cmd, timeout=180)
-    finally:
-        leftovers = _processes_mentioning(str(tmp_short))
-        for pid in leftovers:
-            os.kill(pid, signal.SIGKILL)
-    assert not leftovers, f"the benchmark left daemons running: {leftovers}"
+    proc = _run_bench(cmd, tmp_short, timeout=180)
     doc = json.loads(out.read_text())
     reads = doc["reads"]
     for store in ("local", "s3"):

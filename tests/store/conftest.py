@@ -5,6 +5,9 @@ The S3 side talks real HTTP to a moto server running in its own process
 fake credentials given to boto3 explicitly so no real AWS configuration on
 the machine is ever read or used. Each test gets a fresh key prefix, so tests
 never see each other's objects.
+
+It also puts tests/tools on sys.path (plain modules, as in the integration
+tier) for the daemon tests and their shared helpers, daemon_helpers.py.
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ from pathlib import Path
 import pytest
 
 from glide.store import LocalDirStore, ObjectStore
+
+TOOLS_DIR = Path(__file__).resolve().parents[1] / "tools"
+if str(TOOLS_DIR) not in sys.path:
+    sys.path.insert(0, str(TOOLS_DIR))
 
 MiB = 1 << 20
 BUCKET = "glide-store-tests"

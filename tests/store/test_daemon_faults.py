@@ -24,7 +24,6 @@ import errno
 import json
 import re
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -33,7 +32,22 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import crash_oracle as co
 import pytest
+from daemon_helpers import (
+    AWS_ENV,
+    BS,
+    BUCKET,
+    MiB,
+    put,
+    read_image,
+    reap,
+    start_daemon,
+    start_writer,
+    write_s3_config,
+)
+from nbdclients import SYSTEM_PYTHON, TOOLS_DIR, system_env
+from store_proxy import Message, StoreProxy
 
 from glide.manifest import Manifest
 from glide.pack import pack_object_key, read_index
@@ -42,33 +56,8 @@ from glide.store import ObjectStore
 if TYPE_CHECKING:
     from conftest import Daemon
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
-if str(TOOLS) not in sys.path:
-    sys.path.insert(0, str(TOOLS))
-import crash_oracle as co  # noqa: E402
-from nbdclients import SYSTEM_PYTHON, system_env  # noqa: E402
-from store_proxy import Message, StoreProxy  # noqa: E402
-
-MiB = 1 << 20
-BS = co.BLOCK
-BUCKET = "glide-store-tests"  # created by the moto_endpoint fixture
-AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "glide-test", "AWS_SECRET_ACCESS_KEY": "glide-test",
-    "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-    # never read a real AWS configuration on the machine
-    "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
-}
 # Short timeouts and one retry: a fault costs the daemon seconds, not minutes.
-STORE_TOML = """[store]
-kind = "s3"
-bucket = "glide-store-tests"
-region = "us-east-1"
-addressing_style = "path"
-connect_timeout = 1
-read_timeout = 2
-max_attempts = 2
-"""
-WRITER = str(TOOLS / "crash_writer.py")
+STORE_OPTIONS = {"connect_timeout": 1, "read_timeout": 2, "max_attempts": 2}
 FLUSH_INTERVAL = "0.2"
 
 # An 8 MiB volume: deterministic gen-1 blocks, the random writer's region,
@@ -99,9 +88,20 @@ class Rig:
 
     def daemon(self, *extra: str, via_proxy: bool = True, size: int = VOL_SIZE) -> Daemon:
         endpoint = self.proxy.url if via_proxy else self.moto
-        args = ["--config", str(self.config), "--store", f"s3://{BUCKET}/{self.prefix}",
-                "--s3-endpoint", endpoint, "--flush-interval", FLUSH_INTERVAL, *extra]
-        return self.factory(volumes=[("vol0", size)], extra_args=args, env=AWS_ENV)
+        store = ["--config", str(self.config), "--store", f"s3://{BUCKET}/{self.prefix}",
+                 "--s3-endpoint", endpoint]
+        return start_daemon(self.factory, size, store, AWS_ENV,
+                            "--flush-interval", FLUSH_INTERVAL, *extra)
+
+    def flushed_daemon(self, *extra: str, via_proxy: bool = True, size: int = VOL_SIZE,
+                       blocks: range = BEFORE, gen: int = 1) -> Daemon:
+        """daemon(), once `blocks`, written with generation `gen`, have been
+        flushed to the store."""
+        d = self.daemon(*extra, via_proxy=via_proxy, size=size)
+        v0 = self.version()
+        put(d, blocks, gen)
+        wait_for("the first flush", lambda: self.version() > v0, 10, lambda: log_tail(d))
+        return d
 
     def root(self) -> Manifest:
         return Manifest.open(self.direct, "vol0")
@@ -114,8 +114,7 @@ class Rig:
 def rig(daemon_factory: Callable[..., Daemon], moto_endpoint: str,
         s3_store_factory: Callable[..., ObjectStore], tmp_short: Path) -> Iterator[Rig]:
     prefix = f"faults-{uuid.uuid4().hex[:12]}"
-    config = tmp_short / "store.toml"
-    config.write_text(STORE_TOML)
+    config = write_s3_config(tmp_short / "store.toml", **STORE_OPTIONS)
     proxy = StoreProxy(moto_endpoint).start()
     try:
         yield Rig(daemon_factory, moto_endpoint, proxy, s3_store_factory(prefix=prefix),
@@ -138,24 +137,6 @@ def log_tail(d: Daemon) -> str:
 
 
 # --- clients (libnbd under Debian's python3) --------------------------------------------
-
-
-def _tool(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([SYSTEM_PYTHON, WRITER, *args], capture_output=True, text=True,
-                          timeout=timeout, env=system_env())
-    assert proc.returncode == 0, f"{args}: rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    return proc
-
-
-def put(d: Daemon, blocks: range, gen: int) -> None:
-    """Writes blocks with generation `gen`, then FLUSH: acknowledged and durable."""
-    _tool("put", "--uri", d.uri(), "--first", str(blocks.start), "--blocks", str(len(blocks)),
-          "--gen", str(gen), "--flush")
-
-
-def read_image(d: Daemon, out: Path, blocks: int = VOL_BLOCKS) -> bytes:
-    _tool("read", "--uri", d.uri(), "--out", str(out), "--first", "0", "--blocks", str(blocks))
-    return out.read_bytes()
 
 
 READ_EACH = r"""
@@ -188,19 +169,10 @@ def read_each(d: Daemon, blocks: list[int], out: Path) -> tuple[dict[int, bytes]
     return data, errors
 
 
-def start_writer(d: Daemon, log: Path, seed: int) -> subprocess.Popen[str]:
-    """crash_writer.py's random writer (writes, trims, zeroes, FUA, FLUSHes) on
-    WRITER_REGION, every operation logged; runs until stop_writer()."""
-    proc = subprocess.Popen(
-        [SYSTEM_PYTHON, WRITER, "write", "--uri", d.uri(), "--log", str(log),
-         "--first", str(WRITER_REGION.start), "--blocks", str(len(WRITER_REGION)),
-         "--start-gen", "1000000", "--seed", str(seed), "--qd", "8", "--flush-every", "16",
-         "--fua-prob", "0.05", "--zero-prob", "0.05", "--duration", "120"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=system_env())
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert line.strip() == "started", f"writer did not start: {line!r} {proc.stderr.read()}"
-    return proc
+def start_region_writer(d: Daemon, log: Path, seed: int) -> subprocess.Popen[str]:
+    """The random writer on WRITER_REGION for up to 120 s: run until stop_writer()."""
+    return start_writer(d, log, first=WRITER_REGION.start, blocks=len(WRITER_REGION),
+                        start_gen=1_000_000, seed=seed, qd=8, duration=120)
 
 
 def stop_writer(proc: subprocess.Popen[str], log: Path) -> co.Round:
@@ -284,6 +256,19 @@ def stop_cleanly(d: Daemon) -> None:
     assert "stopped cleanly" in text, log_tail(d)
 
 
+def check_store_copy(rig: Rig, a: Daemon, allowed: dict[int, set[int]], what: str,
+                     tmp: Path) -> None:
+    """`a` serves only `allowed` values; it stops cleanly, and a daemon on an
+    empty data directory, straight on the store, then serves the same image."""
+    image_a = read_image(a, tmp / "a.img", VOL_BLOCKS)
+    check_image(image_a, allowed, what)
+    stop_cleanly(a)
+    b = rig.daemon(via_proxy=False)
+    image_b = read_image(b, tmp / "b.img", VOL_BLOCKS)
+    assert image_b == image_a, "the store's copy differs from what the daemon served"
+    stop_cleanly(b)
+
+
 TARGET = 100  # the block whose stored copy gets damaged
 
 
@@ -339,13 +324,10 @@ def test_store_outage_loses_nothing(rig: Rig, tmp_short: Path, fault: str) -> No
     and recover, and in the end the store holds exactly what the daemon
     served."""
     mode, options, failures = FAULTS[fault]
-    a = rig.daemon()
-    v0 = rig.version()
-    put(a, BEFORE, gen=1)
-    wait_for("the first flush", lambda: rig.version() > v0, 10, lambda: log_tail(a))
+    a = rig.flushed_daemon()
 
     wlog = tmp_short / "writer.log"
-    writer = start_writer(a, wlog, seed=list(FAULTS).index(fault))
+    writer = start_region_writer(a, wlog, seed=list(FAULTS).index(fault))
     try:
         time.sleep(0.5)  # some of the writer's data reaches the store first
         rig.proxy.set_mode(mode, **options, start_on=None if mode == "slow" else pack_put)
@@ -385,9 +367,7 @@ def test_store_outage_loses_nothing(rig: Rig, tmp_short: Path, fault: str) -> No
         time.sleep(0.3)  # the writer goes on a little with the store back
         rnd = stop_writer(writer, wlog)
     finally:
-        if writer.poll() is None:
-            writer.kill()
-            writer.wait()
+        reap(writer)
     if mode != "slow":
         check_backoff(a)  # the whole log, recovery included
     print(f"{fault}: writer ops={rnd.ops} acked={rnd.acked} flushes={rnd.flushes}; proxy "
@@ -396,7 +376,7 @@ def test_store_outage_loses_nothing(rig: Rig, tmp_short: Path, fault: str) -> No
           f"{v_fault}->{v_end}->{rig.version()}")
 
     allowed = allowed_values(rnd, {**dict.fromkeys(BEFORE, 1), **dict.fromkeys(DURING, 2)})
-    image_a = read_image(a, tmp_short / "a.img")
+    image_a = read_image(a, tmp_short / "a.img", VOL_BLOCKS)
     check_image(image_a, allowed, "the daemon's own image after the outage")
     stop_cleanly(a)
     owner = rig.root().root.writer
@@ -406,7 +386,7 @@ def test_store_outage_loses_nothing(rig: Rig, tmp_short: Path, fault: str) -> No
     # serve exactly what the first one served, from the store alone.
     b = rig.daemon(via_proxy=False)
     assert "cold open" in b.stderr_text(), log_tail(b)
-    image_b = read_image(b, tmp_short / "b.img")
+    image_b = read_image(b, tmp_short / "b.img", VOL_BLOCKS)
     check_image(image_b, allowed, "a cold daemon's image from the store")
     assert image_b == image_a, "the store's copy differs from what the daemon served"
     stop_cleanly(b)
@@ -457,12 +437,9 @@ def test_stop_while_the_store_is_down(rig: Rig, tmp_short: Path) -> None:
     """SIGTERM while the store fails: the daemon still stops, its final flush
     fails and leaves everything in the WAL, and the next start (store back)
     flushes it: nothing acknowledged is lost across the restart."""
-    a = rig.daemon()
-    v0 = rig.version()
-    put(a, BEFORE, gen=1)
-    wait_for("the first flush", lambda: rig.version() > v0, 10, lambda: log_tail(a))
+    a = rig.flushed_daemon()
     wlog = tmp_short / "writer.log"
-    writer = start_writer(a, wlog, seed=5)
+    writer = start_region_writer(a, wlog, seed=5)
     try:
         time.sleep(0.3)
         rig.proxy.set_mode("error", status=503, start_on=pack_put)
@@ -472,9 +449,7 @@ def test_stop_while_the_store_is_down(rig: Rig, tmp_short: Path) -> None:
         time.sleep(0.5)
         rnd = stop_writer(writer, wlog)
     finally:
-        if writer.poll() is None:
-            writer.kill()
-            writer.wait()
+        reap(writer)
     t0 = time.monotonic()
     a.stop(timeout=30)
     took = time.monotonic() - t0
@@ -490,13 +465,7 @@ def test_stop_while_the_store_is_down(rig: Rig, tmp_short: Path) -> None:
     wait_for("the restarted daemon's flush", lambda: rig.version() > v_down, 15,
              lambda: log_tail(a))
     allowed = allowed_values(rnd, {**dict.fromkeys(BEFORE, 1), **dict.fromkeys(DURING, 2)})
-    image_a = read_image(a, tmp_short / "a.img")
-    check_image(image_a, allowed, "the restarted daemon's image")
-    stop_cleanly(a)
-    b = rig.daemon(via_proxy=False)
-    image_b = read_image(b, tmp_short / "b.img")
-    assert image_b == image_a, "the store's copy differs from what the daemon served"
-    stop_cleanly(b)
+    check_store_copy(rig, a, allowed, "the restarted daemon's image", tmp_short)
 
 
 @pytest.mark.timeout(60)
@@ -504,12 +473,9 @@ def test_lost_replies_on_the_root_commit(rig: Rig, tmp_short: Path) -> None:
     """The root PUT of three commits reaches the store, but the reply is
     reset away: the daemon must learn that its own commit landed (not take
     it for another writer's and fence itself), and nothing is lost."""
-    a = rig.daemon()
-    v0 = rig.version()
-    put(a, BEFORE, gen=1)
-    wait_for("the first flush", lambda: rig.version() > v0, 10, lambda: log_tail(a))
+    a = rig.flushed_daemon()
     wlog = tmp_short / "writer.log"
-    writer = start_writer(a, wlog, seed=3)
+    writer = start_region_writer(a, wlog, seed=3)
     try:
         time.sleep(0.3)
         v_before = rig.version()
@@ -520,20 +486,13 @@ def test_lost_replies_on_the_root_commit(rig: Rig, tmp_short: Path) -> None:
         wait_for("a commit after them", lambda: rig.version() > v_lost, 10, lambda: log_tail(a))
         rnd = stop_writer(writer, wlog)
     finally:
-        if writer.poll() is None:
-            writer.kill()
-            writer.wait()
+        reap(writer)
     assert v_lost >= v_before + 3, "the dropped root PUTs did not land"
     log = a.stderr_text()
     assert "another writer owns" not in log, "the daemon fenced itself on its own commit"
     assert rig.root().root.writer.startswith("glidefs/")
     allowed = allowed_values(rnd, dict.fromkeys(BEFORE, 1))
-    image_a = read_image(a, tmp_short / "a.img")
-    check_image(image_a, allowed, "the daemon's image")
-    stop_cleanly(a)
-    b = rig.daemon(via_proxy=False)
-    assert read_image(b, tmp_short / "b.img") == image_a, "the store differs from the daemon"
-    stop_cleanly(b)
+    check_store_copy(rig, a, allowed, "the daemon's image", tmp_short)
     print(f"lost replies: {len(flush_failures(a))} failed flushes; versions {v_before} -> "
           f"{v_lost}")
 
@@ -548,12 +507,9 @@ def test_conflicting_commit_fences_the_daemon(rig: Rig, tmp_short: Path) -> None
     the root again, keeps every acknowledged write in its WAL and serves it,
     and from then on refuses writes (EPERM over NBD) instead of letting them
     wait forever on a WAL nothing will drain."""
-    a = rig.daemon(via_proxy=False)
-    v0 = rig.version()
-    put(a, BEFORE, gen=1)
-    wait_for("the first flush", lambda: rig.version() > v0, 10, lambda: log_tail(a))
+    a = rig.flushed_daemon(via_proxy=False)
     wlog = tmp_short / "writer.log"
-    writer = start_writer(a, wlog, seed=11)
+    writer = start_region_writer(a, wlog, seed=11)
     try:
         time.sleep(0.5)
         intruder = rig.root()
@@ -562,20 +518,13 @@ def test_conflicting_commit_fences_the_daemon(rig: Rig, tmp_short: Path) -> None
         wait_for("the fence", lambda: "another writer owns this volume" in a.stderr_text(), 10,
                  lambda: log_tail(a))
         time.sleep(1.0)  # several flush intervals, the writer going on (and failing)
-        writer.kill()
-        writer.wait()
     finally:
-        if writer.poll() is None:
-            writer.kill()
-            writer.wait()
+        reap(writer)
     assert rig.root().root == taken, "the fenced daemon changed the intruder's root"
     log = a.stderr_text()
     assert log.count("another writer owns this volume") == 1, log_tail(a)
     assert "flush failed" not in log, "a fence is not a transient failure to retry"
-    refused = subprocess.run(
-        [SYSTEM_PYTHON, WRITER, "put", "--uri", a.uri(), "--first", str(DURING.start),
-         "--blocks", str(len(DURING)), "--gen", "3", "--flush"],
-        capture_output=True, text=True, timeout=60, env=system_env())
+    refused = put(a, DURING, gen=3, check=False)
     assert refused.returncode != 0, "a fenced volume accepted a write"
     assert "Operation not permitted" in refused.stderr or "EPERM" in refused.stderr, \
         refused.stderr[-2000:]
@@ -586,7 +535,8 @@ def test_conflicting_commit_fences_the_daemon(rig: Rig, tmp_short: Path) -> None
     assert rnd.acked > 50, rnd.acked
     assert any(ln.startswith("E ") for ln in lines), "the writer never saw the refusal"
     allowed = allowed_values(rnd, dict.fromkeys(BEFORE, 1))
-    check_image(read_image(a, tmp_short / "a.img"), allowed, "the fenced daemon's image")
+    check_image(read_image(a, tmp_short / "a.img", VOL_BLOCKS), allowed,
+                "the fenced daemon's image")
 
     # Stopping makes no final flush over the intruder's root; the writes stay
     # in the WAL, and this cache now refuses to open rather than drop them or
@@ -740,11 +690,8 @@ def progress(path: Path) -> tuple[int, bool]:
 
 @pytest.mark.timeout(120)
 def test_memory_bounded_while_the_store_is_down(rig: Rig, tmp_short: Path) -> None:
-    a = rig.daemon("--wal-budget", "70M", "--wal-segment-size", "33M",
-                   size=MEM_VOL_BLOCKS * BS)
-    v0 = rig.version()
-    put(a, WARM, gen=9)
-    wait_for("the first flush", lambda: rig.version() > v0, 10, lambda: log_tail(a))
+    a = rig.flushed_daemon("--wal-budget", "70M", "--wal-segment-size", "33M",
+                           size=MEM_VOL_BLOCKS * BS, blocks=WARM, gen=9)
     rss0 = rss_kib(a.pid) * 1024
     sampler = RssSampler(a.pid)
     sampler.start()
@@ -753,7 +700,7 @@ def test_memory_bounded_while_the_store_is_down(rig: Rig, tmp_short: Path) -> No
     prog = tmp_short / "progress"
     total = len(MEM_REGION) * BS * MEM_PASSES
     writer = subprocess.Popen(
-        [SYSTEM_PYTHON, "-c", MEM_WRITER, str(TOOLS), a.uri(), str(MEM_REGION.start),
+        [SYSTEM_PYTHON, "-c", MEM_WRITER, str(TOOLS_DIR), a.uri(), str(MEM_REGION.start),
          str(len(MEM_REGION)), str(MEM_PASSES), str(prog)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=system_env())
     try:
@@ -785,9 +732,7 @@ def test_memory_bounded_while_the_store_is_down(rig: Rig, tmp_short: Path) -> No
         assert writer.returncode == 0, err
         assert progress(prog) == (total, True)
     finally:
-        if writer.poll() is None:
-            writer.kill()
-            writer.wait()
+        reap(writer)
         sampler.done.set()
         sampler.join()
     peak = sampler.peak()

@@ -24,7 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import crash_oracle as co
+import daemon_helpers as dh
 import pytest
+from daemon_helpers import BS, MiB
+from nbdclients import SYSTEM_PYTHON, qemu_io, system_env
 
 from glide import _native
 from glide.fetcher import Fetcher
@@ -34,20 +38,6 @@ from glide.store import LocalDirStore, ObjectStore
 
 if TYPE_CHECKING:
     from conftest import Daemon
-
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
-if str(TOOLS) not in sys.path:
-    sys.path.insert(0, str(TOOLS))
-import crash_oracle as co  # noqa: E402
-from nbdclients import SYSTEM_PYTHON, qemu_io, system_env  # noqa: E402
-
-MiB = 1 << 20
-BS = 4096
-WRITER = str(TOOLS / "crash_writer.py")
-BUCKET = "glide-store-tests"  # created by the moto_endpoint fixture
-REGION = "us-east-1"
-AWS_ENV = {"AWS_ACCESS_KEY_ID": "glide-test", "AWS_SECRET_ACCESS_KEY": "glide-test",
-           "AWS_DEFAULT_REGION": REGION}
 
 
 @dataclass
@@ -75,25 +65,22 @@ def store_spec(backend: str, request: pytest.FixtureRequest, tmp_short: Path
     else:
         endpoint = str(request.getfixturevalue("moto_endpoint"))
         prefix = f"d-{uuid.uuid4().hex[:12]}"
-        cfg = tmp_short / "s3.toml"
-        cfg.write_text(f'[store]\nkind = "s3"\nbucket = "{BUCKET}"\nprefix = "{prefix}"\n'
-                       f'endpoint_url = "{endpoint}"\nregion = "{REGION}"\n'
-                       'addressing_style = "path"\nmax_attempts = 3\n')
+        cfg = dh.write_s3_config(tmp_short / "s3.toml", prefix=prefix, endpoint_url=endpoint,
+                                 max_attempts=3)
 
         make = request.getfixturevalue("s3_store_factory")
 
         def open_s3() -> ObjectStore:
             return make(prefix=prefix)
 
-        yield StoreSpec(["--config", str(cfg)], AWS_ENV, open_s3)
+        yield StoreSpec(["--config", str(cfg)], dh.AWS_ENV, open_s3)
     for s in opened:
         s.close()
 
 
 def start(factory: Callable[..., Daemon], spec: StoreSpec, size: int, *extra: str,
           data_dir: Path | None = None) -> Daemon:
-    return factory(volumes=[("vol0", size)], extra_args=[*spec.args, *extra], env=spec.env,
-                   data_dir=data_dir)
+    return dh.start_daemon(factory, size, spec.args, spec.env, *extra, data_dir=data_dir)
 
 
 def glidefs(spec: StoreSpec, *args: str) -> subprocess.CompletedProcess[str]:
@@ -242,28 +229,8 @@ ROUNDS = int(os.environ.get("GLIDE_STORE_CRASH_ROUNDS", "8"))
 VOL_BLOCKS = 4096
 
 
-def _writer(d: Daemon, log: Path, gen: int, seed: int, *, qd: int, first: int = 0,
-            blocks: int = 1024, duration: float = 20.0, zero_prob: float = 0.05,
-            fua_prob: float = 0.05, flush_every: int = 16) -> subprocess.Popen[str]:
-    p = subprocess.Popen(
-        [SYSTEM_PYTHON, WRITER, "write", "--uri", d.uri(), "--log", str(log),
-         "--first", str(first), "--blocks", str(blocks), "--start-gen", str(gen),
-         "--seed", str(seed), "--qd", str(qd), "--flush-every", str(flush_every),
-         "--fua-prob", str(fua_prob), "--zero-prob", str(zero_prob),
-         "--duration", str(duration)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=system_env())
-    assert p.stdout is not None
-    line = p.stdout.readline()
-    assert line.strip() == "started", f"writer: {line!r} {p.stderr.read() if p.stderr else ''}"
-    return p
-
-
 def _image(d: Daemon, out: Path) -> bytes:
-    r = subprocess.run([SYSTEM_PYTHON, WRITER, "read", "--uri", d.uri(), "--out", str(out),
-                        "--first", "0", "--blocks", str(VOL_BLOCKS), "--flush"],
-                       capture_output=True, text=True, timeout=60, env=system_env())
-    assert r.returncode == 0, r.stderr
-    return out.read_bytes()
+    return dh.read_image(d, out, VOL_BLOCKS, flush=True)
 
 
 def test_kill9_during_flushes(daemon_factory: Callable[..., Daemon], store_spec: StoreSpec,
@@ -280,16 +247,15 @@ def test_kill9_during_flushes(daemon_factory: Callable[..., Daemon], store_spec:
     versions = set()
     for rnd_no in range(ROUNDS):
         log = tmp_short / f"r{rnd_no}.log"
-        w = _writer(d, log, (rnd_no + 1) * 10_000_000, rng.randrange(1 << 30),
-                    qd=rng.choice([1, 8]), flush_every=rng.choice([4, 32]))
+        w = dh.start_writer(d, log, first=0, blocks=1024, start_gen=(rnd_no + 1) * 10_000_000,
+                            seed=rng.randrange(1 << 30), qd=rng.choice([1, 8]),
+                            duration=20.0, flush_every=rng.choice([4, 32]))
         try:
             time.sleep(rng.uniform(0.3, 1.5))
             d.kill9()
             w.wait(timeout=30)
         finally:
-            if w.poll() is None:
-                w.kill()
-                w.wait()
+            dh.reap(w)
         d.start()
         image = _image(d, tmp_short / f"r{rnd_no}.img")
         rnd = co.parse_log(log.read_text().splitlines())
@@ -349,8 +315,8 @@ def test_every_committed_version_is_a_state_the_volume_had(
     watcher.start()
     log = tmp_short / "w.log"
     try:
-        w = _writer(d, log, 1, 7, qd=1, blocks=VOL_BLOCKS, duration=4.0, zero_prob=0.1,
-                    flush_every=1_000_000, fua_prob=0.0)
+        w = dh.start_writer(d, log, first=0, blocks=VOL_BLOCKS, start_gen=1, seed=7, qd=1,
+                            duration=4.0, zero_prob=0.1, flush_every=1_000_000, fua_prob=0.0)
         w.wait(timeout=60)
         assert w.returncode == 0
     finally:
@@ -396,7 +362,8 @@ def test_gc_keeps_everything_reachable_under_concurrent_flushes(
     d = start(daemon_factory, store_spec, VOL_BLOCKS * BS, "--flush-interval", "20ms")
     store = store_spec.open()
     log = tmp_short / "w.log"
-    w = _writer(d, log, 1, 11, qd=8, blocks=VOL_BLOCKS, duration=4.0)
+    w = dh.start_writer(d, log, first=0, blocks=VOL_BLOCKS, start_gen=1, seed=11, qd=8,
+                        duration=4.0)
     deleted = 0
     try:
         # Overwrites make packs unreachable; a 1 s grace lets GC delete them
@@ -407,9 +374,7 @@ def test_gc_keeps_everything_reachable_under_concurrent_flushes(
             assert_store_complete(store)
             time.sleep(0.2)
     finally:
-        if w.poll() is None:
-            w.kill()
-        w.wait()
+        dh.reap(w)
     assert w.returncode == 0
     warm = _image(d, tmp_short / "warm.img")
     assert d.stop() == 0
