@@ -6,6 +6,9 @@ Owns one flush cycle of one volume (architecture.md §4):
     -> upload -> apply + commit one manifest version -> mark which blocks the
     store now holds -> checkpoint(S) (blocks CLEAN, WAL up to S deleted)
 
+    alongside the packs: write_back(S), the checkpoint's copy of the blocks
+    into the cache file, which changes no state until checkpoint(S)
+
 Invariants:
   - every committed manifest version is the volume's state at one cut: the
     data is read as of S from the WAL, so writes after S cannot leak in;
@@ -104,7 +107,13 @@ class Flusher:
         dirty = sorted(vol.dirty_upto(cut), key=itemgetter(0))
         if not dirty:
             return None
-        stats = self._commit(dirty, cut, cut, t0)
+        # The checkpoint's copy into the cache file needs only the WAL synced
+        # through the cut and changes no state, so it runs beside the pack
+        # build (disk beside CPU); making the blocks CLEAN waits for the commit.
+        with ThreadPoolExecutor(1, thread_name_prefix="write-back") as pool:
+            copied = pool.submit(vol.write_back, cut)
+            stats = self._commit(dirty, cut, cut, t0)
+            copied.result()
         vol.checkpoint(cut)
         return stats
 

@@ -827,10 +827,16 @@ struct wb_item {
 struct wb_list {
     struct wb_item *items;
     size_t n, cap;
+    uint64_t done_upto; /* written_back_seq: versions <= this are in the cache file already */
 };
 
 static int collect_wb(void *ctx, uint64_t lba, const struct block_version *ver) {
     struct wb_list *l = ctx;
+    /* The newest version <= cut is also the newest <= done_upto, so an earlier
+     * write-back copied it and, the block being DIRTY since, nothing has
+     * touched that copy. A flush retried while the store is down would
+     * otherwise rewrite everything on every attempt. */
+    if (ver->seq <= l->done_upto) return 0;
     if (l->n == l->cap) {
         size_t nc = l->cap ? l->cap * 2 : 1024;
         struct wb_item *ni = realloc(l->items, nc * sizeof *ni);
@@ -920,7 +926,7 @@ static int write_back_upto_locked(struct volume *v, uint64_t cut, struct checkpo
 
     /* 2. copy each block's newest version <= cut into the cache file; the
      *    blocks stay DIRTY meanwhile, so readers keep using the WAL */
-    struct wb_list l = {0};
+    struct wb_list l = {.done_upto = v->written_back_seq};
     pthread_mutex_lock(&v->idx_mu);
     rc = block_index_visit_upto(v->bi, cut, collect_wb, &l);
     pthread_mutex_unlock(&v->idx_mu);

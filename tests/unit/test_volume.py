@@ -409,3 +409,26 @@ def test_crash_after_write_back_replays_the_wal(tmp_path: Path) -> None:
     for i in range(8):
         assert v.read(i * BS, BS) == bytes([0x20 + i]) * BS
     v.close()
+
+
+def test_write_back_retried_copies_only_what_is_new(tmp_path: Path) -> None:
+    """A flush retried after a failed upload calls write_back again with a
+    later cut: blocks whose newest version was copied already are not copied
+    twice, and blocks overwritten since are."""
+    v = open_vol(tmp_path / "v")
+    for i in range(10):
+        cut = v.write(i * BS, bytes([i + 1]) * BS)
+    v.flush()
+    assert v.write_back(cut)["blocks_written"] == 10
+    v.write(3 * BS, b"\xee" * BS)
+    cut2 = v.write(20 * BS, b"\xdd" * BS)
+    v.flush()
+    assert v.write_back(cut2)["blocks_written"] == 2
+    v.checkpoint(cut2)
+    assert v.read(3 * BS, BS) == b"\xee" * BS and v.read(20 * BS, BS) == b"\xdd" * BS
+    assert v.read(4 * BS, BS) == bytes([5]) * BS
+    v.close()
+    v = open_vol(tmp_path / "v")
+    assert v.stats()["replayed_records"] == 0
+    assert v.read(3 * BS, BS) == b"\xee" * BS and v.read(4 * BS, BS) == bytes([5]) * BS
+    v.close()
