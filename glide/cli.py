@@ -37,6 +37,12 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="object store: a directory (default <data-dir>/store) or an S3 bucket and prefix",
     )
     p.add_argument("--s3-endpoint", metavar="URL", help="S3 endpoint (MinIO, Ceph, R2, ...)")
+    p.add_argument(
+        "--commit-deadline", metavar="PERIOD",
+        help="a flush commits only packs it began uploading less than this long ago; gc's "
+             "--grace must exceed twice the daemons' value (default 10m, [store] "
+             "commit_deadline)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -77,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(g)
     g.add_argument("--dry-run", action="store_true", help="report, delete nothing")
     g.add_argument("--grace", default="1h",
-                   help="keep unreachable objects younger than this (default 1h)")
+                   help="keep unreachable objects younger than this (default 1h; more than "
+                        "twice the commit deadline)")
     return p
 
 
@@ -89,6 +96,8 @@ def _base_config(args: argparse.Namespace) -> Config:
         parse_store_url(args.store, cfg.store)
     if args.s3_endpoint:
         cfg.store.endpoint_url = args.s3_endpoint
+    if args.commit_deadline:
+        cfg.store.commit_deadline = parse_duration(args.commit_deadline, "--commit-deadline")
     return cfg
 
 
@@ -181,13 +190,18 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from glide.gc import collect_garbage
+    from glide.gc import GcStopped, GraceTooShort, check_grace, collect_garbage
     from glide.store import from_config
 
     try:
         cfg = _base_config(args)
         grace = parse_duration(args.grace, "--grace")
         validate(cfg)
+        deadline = cfg.store.commit_deadline
+        check_grace(grace, deadline)
+    except GraceTooShort as e:
+        print(f"glidefs: gc refused: {e}", file=sys.stderr)
+        return 2
     except ConfigError as e:
         print(f"glidefs: configuration error: {e}", file=sys.stderr)
         return 2
@@ -195,7 +209,12 @@ def cmd_gc(args: argparse.Namespace) -> int:
     def gc() -> int:
         store = from_config(cfg.store, cfg.data_dir.absolute())
         try:
-            report = collect_garbage(store, grace=grace, dry_run=args.dry_run)
+            report = collect_garbage(store, grace=grace, commit_deadline=deadline,
+                                     dry_run=args.dry_run)
+        except GcStopped as e:
+            print(e.report.summary())
+            print(f"glidefs: {e}", file=sys.stderr)
+            return 1
         finally:
             store.close()
         print(report.summary())

@@ -8,6 +8,7 @@ config is a clear message and an exit code, never a half-started daemon.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -16,6 +17,9 @@ from pathlib import Path
 
 BLOCK_SIZE = 4096
 DEFAULT_TCP = "127.0.0.1:10809"
+# A flush commits only packs it uploaded less than this long ago, and GC
+# keeps unreachable objects for more than twice as long (glide/gc.py).
+DEFAULT_COMMIT_DEADLINE = 600.0
 VOLUME_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(i?B)?\s*$", re.IGNORECASE)
@@ -40,6 +44,8 @@ def parse_size(value: str | int, what: str) -> int:
 
 
 def parse_duration(value: str | int | float, what: str) -> float:
+    if isinstance(value, bool):  # TOML true is an int to Python, not a duration
+        raise ConfigError(f"{what}: expected a duration (examples: 5s, 250ms), got {value!r}")
     if isinstance(value, int | float):
         seconds = float(value)
     else:
@@ -47,8 +53,10 @@ def parse_duration(value: str | int | float, what: str) -> float:
         if not m:
             raise ConfigError(f"{what}: cannot read {value!r} as a duration (examples: 5s, 250ms)")
         seconds = float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
-    if seconds <= 0:
+    if not seconds > 0:  # also NaN
         raise ConfigError(f"{what}: duration must be positive")
+    if not math.isfinite(seconds):  # TOML has inf
+        raise ConfigError(f"{what}: duration must be finite")
     return seconds
 
 
@@ -90,6 +98,7 @@ class StoreConfig:
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
     max_attempts: int = 5
+    commit_deadline: float = DEFAULT_COMMIT_DEADLINE  # both kinds; see glide/flusher.py
 
     def describe(self, data_dir: Path) -> str:
         if self.kind == "local":
@@ -200,9 +209,9 @@ def load_file(path: Path) -> Config:
 
 
 _STORE_KEYS = {
-    "local": {"kind", "path"},
+    "local": {"kind", "path", "commit_deadline"},
     "s3": {"kind", "bucket", "prefix", "endpoint_url", "region", "addressing_style",
-           "connect_timeout", "read_timeout", "max_attempts"},
+           "connect_timeout", "read_timeout", "max_attempts", "commit_deadline"},
 }
 
 
@@ -217,6 +226,8 @@ def load_store(raw: dict, path: Path) -> StoreConfig:
         raise ConfigError(f"config file {path}: keys {sorted(unknown)} do not apply to a "
                           f"{kind} store")
     store.kind = kind
+    if "commit_deadline" in raw:
+        store.commit_deadline = parse_duration(raw["commit_deadline"], "store.commit_deadline")
     if kind == "local":
         store.path = Path(raw["path"]) if raw.get("path") else None
         return store
@@ -266,6 +277,8 @@ def validate(cfg: Config) -> None:
     if len(ids) != len(set(ids)):
         raise ConfigError("two volumes ask for the same ublk_id")
     st = cfg.store
+    # Also for a Config built in code rather than parsed.
+    st.commit_deadline = parse_duration(st.commit_deadline, "store.commit_deadline")
     if st.kind == "s3":
         if not st.bucket:
             raise ConfigError("store.bucket is required for an s3 store")

@@ -137,6 +137,13 @@ class Daemon:
         store.check_conditional_put()
         log.info("store %s (%s) checked: conditional PUT honoured ms=%.1f",
                  st.describe(self.cfg.data_dir), st.kind, (time.monotonic() - t0) * 1000)
+        request = st.connect_timeout + st.read_timeout
+        if st.kind == "s3" and st.commit_deadline < request:
+            # GC's margin beyond the deadline is one more deadline, and it
+            # has to cover a root PUT still in flight when the deadline passes.
+            log.warning("store.commit_deadline %gs is shorter than one S3 request may take "
+                        "(connect_timeout + read_timeout = %gs); gc's safety margin assumes "
+                        "it is longer", st.commit_deadline, request)
         return store
 
     def open_volumes(self) -> None:

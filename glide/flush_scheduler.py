@@ -3,7 +3,9 @@
 One thread for all volumes. A volume flushes when its WAL passes half its
 budget (the C side signals `pressure_fd`: writers are about to wait), or when
 it has held dirty data for `interval` seconds. A failed flush changed nothing
-visible (glide/flusher.py), so it is retried with exponential backoff; the
+visible (glide/flusher.py), so it is retried with exponential backoff (also
+one whose commit its deadline refused: CommitDeadlineExceeded is a
+StoreError, and the retry uploads afresh); the
 daemon keeps serving from the cache meanwhile, and writers slow down only
 when the WAL budget is reached (backpressure, never unbounded memory).
 

@@ -18,26 +18,38 @@ Invariants:
     upload is idempotent);
   - REMOTE bits are set only after the commit, and the checkpoint that
     persists them comes after that; a crash in between replays the WAL and
-    the next flush recommits the same content.
+    the next flush recommits the same content;
+  - the commit deadline: no PUT of a commit (nodes, root) is sent once
+    `commit_deadline` seconds have passed since the first upload of a pack
+    it references began. GC keeps unreachable objects for more than twice
+    that (glide/gc.py), so it cannot have deleted a pack a commit names. A
+    refused commit raises CommitDeadlineExceeded: nothing committed, the
+    blocks stay DIRTY, the scheduler retries with fresh uploads. Changes a
+    failed commit left applied to the manifest ride along with the next
+    commit, so their age counts too (`_stale`), unless that commit
+    re-applies every one of their blocks.
 
 The daemon runs it from glide/flush_scheduler.py through glide/served_volume.py.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import compress, islice
 from operator import itemgetter
 
 from glide import _native
+from glide.config import DEFAULT_COMMIT_DEADLINE
 from glide.manifest import Manifest, PackBlocks
 from glide.pack import AS_OF_CURRENT, FinishedPack, build_pack
-from glide.store.base import ObjectStore
+from glide.store.base import Data, ForwardingStore, ObjectStore, StoreError
 
 log = logging.getLogger("glide.flusher")
 
@@ -46,6 +58,24 @@ DEFAULT_PACK_TARGET = 16 << 20
 # Threads that read, hash and compress a pack (native/pack_build.c): one per
 # CPU this process may run on, up to a few; zstd -1 is the flush's main cost.
 BUILD_THREADS = max(1, min(8, len(os.sched_getaffinity(0))))
+# Blocks per adopt_local commit (1 GiB): adopting a whole volume in one
+# commit could take longer than the commit deadline on a slow link, forever.
+ADOPT_COMMIT_BLOCKS = 1 << 18
+
+
+class CommitDeadlineExceeded(StoreError):
+    """A flush's packs are too old to commit (GC may be deleting them).
+
+    Not the store's fault, but a StoreError so that everything that handles
+    a failed flush (scheduler, shutdown, drain) handles this one the same
+    way: nothing was committed, the blocks stay DIRTY, retry later."""
+
+
+def deadline_clock() -> float:
+    # CLOCK_BOOTTIME rather than CLOCK_MONOTONIC: the monotonic clock stops
+    # while the host is suspended, and a flush that slept through GC's grace
+    # period must be refused all the same.
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 @dataclass
@@ -58,6 +88,14 @@ class FlushStats:
     pack_bytes: int
     manifest_bytes: int
     seconds: float
+
+    def plus(self, other: FlushStats) -> FlushStats:
+        """Two commits of one flush as one (the later cut, the sums)."""
+        return FlushStats(
+            other.cut_seq, self.blocks + other.blocks, self.stored + other.stored,
+            self.zeroed + other.zeroed, self.packs + other.packs,
+            self.pack_bytes + other.pack_bytes, self.manifest_bytes + other.manifest_bytes,
+            self.seconds + other.seconds)
 
 
 def _runs(lbas: list[int]) -> list[tuple[int, int]]:
@@ -86,12 +124,19 @@ class Flusher:
         *,
         pack_target: int = DEFAULT_PACK_TARGET,
         upload_workers: int = 4,
+        commit_deadline: float = DEFAULT_COMMIT_DEADLINE,
     ) -> None:
         self.volume = volume
         self.manifest = manifest
         self.store = store
         self.pack_target = pack_target
         self.upload_workers = upload_workers
+        self.commit_deadline = commit_deadline
+        # Changes applied to the manifest whose commit failed: deadline_clock()
+        # at the first upload of their packs, and their blocks. The manifest
+        # keeps them and the next commit writes them unless it re-applies
+        # every one of these blocks.
+        self._stale: tuple[float, list[int]] | None = None
 
     def flush_once(self) -> FlushStats | None:
         """One cycle; None when nothing was dirty. Raises on any failure
@@ -121,16 +166,32 @@ class Flusher:
         """Uploads blocks that only the local cache holds: data written before
         the volume had a store. Idempotent (content-addressed packs, and a
         crash before the REMOTE bits are persisted just repeats it)."""
-        t0 = time.monotonic()
         # Ascending already (a scan in block order), but the manifest's bulk
         # apply requires it, so do not lean on how the scan is written.
         local = sorted(self.volume.local_only_blocks())
         if not local:
             return None
-        # These blocks are CLEAN, not versions in the WAL: read what the
-        # cache file holds now rather than as of a cut.
-        return self._commit([(lba, _native.WAL_KIND_DATA) for lba in local], AS_OF_CURRENT,
-                            self.manifest.root.cut_seq, t0)
+        total: FlushStats | None = None
+        for lbas in self._adopt_chunks(local):
+            # These blocks are CLEAN, not versions in the WAL: read what the
+            # cache file holds now rather than as of a cut.
+            stats = self._commit([(lba, _native.WAL_KIND_DATA) for lba in lbas], AS_OF_CURRENT,
+                                 self.manifest.root.cut_seq, time.monotonic())
+            total = stats if total is None else total.plus(stats)
+        return total
+
+    def _adopt_chunks(self, local: list[int]) -> Iterator[list[int]]:
+        """`local` in commits of at most ADOPT_COMMIT_BLOCKS, a failed
+        attempt's blocks first: re-applied together, they replace what that
+        attempt left in the manifest (unless some were written since)."""
+        if self._stale is not None:
+            retry = set(self._stale[1])
+            first = [lba for lba in local if lba in retry]
+            if first:
+                yield first
+                local = [lba for lba in local if lba not in retry]
+        for i in range(0, len(local), ADOPT_COMMIT_BLOCKS):
+            yield local[i:i + ADOPT_COMMIT_BLOCKS]
 
     def _commit(self, blocks: list[tuple[int, int]], as_of: int, cut: int,
                 t0: float) -> FlushStats:
@@ -154,6 +215,7 @@ class Flusher:
         # Packs waiting for upload are bounded, so a slow store holds back the
         # builder instead of letting finished packs pile up in memory.
         max_pending = self.upload_workers + 1
+        first_upload: float | None = None
 
         def build(lbas: list[int]) -> tuple[FinishedPack | None, list[int]]:
             return build_pack(vol, lbas, as_of, threads=BUILD_THREADS)
@@ -175,6 +237,8 @@ class Flusher:
                         continue
                     while len(uploads) >= max_pending:
                         uploads.popleft().result()
+                    if first_upload is None:
+                        first_upload = deadline_clock()
                     uploads.append(pool.submit(self.store.put, fp.object_key, fp.data))
                     packs += 1
                     pack_bytes += len(fp.data)
@@ -194,8 +258,21 @@ class Flusher:
                     f.cancel()
                 raise
 
+        applied = data + zeros  # every block of `blocks`, some twice
+        oldest, stale = first_upload, False
+        # After a failed commit only (flush_once's next cut always holds the
+        # blocks the failed one applied: they stay DIRTY until a checkpoint,
+        # which only follows a commit; adopt_local retries them first).
+        if self._stale is not None and not set(self._stale[1]) <= set(applied):
+            oldest, stale = self._stale[0], True  # an earlier attempt: older
+            applied += self._stale[1]
+        check = functools.partial(self._check_deadline, oldest, stale)
+        check()  # before apply_packs too, so that a refusal leaves the manifest as it was
         self.manifest.apply_packs(placed, zeros)
-        self.manifest.commit(self.store, cut_seq=cut)
+        self._stale = None if oldest is None else (oldest, applied)
+        store = self.store if oldest is None else _DeadlineStore(self.store, check)
+        self.manifest.commit(store, cut_seq=cut)
+        self._stale = None
         manifest_bytes = self.manifest.stats.bytes_put if self.manifest.stats else 0
 
         zeroed = sorted(zeros + zeroed_in_packs)
@@ -208,3 +285,41 @@ class Flusher:
         log.debug("flushed cut=%d blocks=%d stored=%d packs=%d pack_bytes=%d manifest_bytes=%d",
                   cut, stats.blocks, stats.stored, packs, pack_bytes, manifest_bytes)
         return stats
+
+    def _check_deadline(self, oldest: float | None, stale: bool) -> None:
+        """`stale`: `oldest` is that of changes a failed commit left behind."""
+        if oldest is None:  # no pack uploaded: nothing GC could have taken
+            return
+        took = deadline_clock() - oldest
+        if took < self.commit_deadline:
+            return
+        if stale:
+            what = "changes a failed commit left in the manifest"
+            advice = ("Some of their blocks were written since, so no retry replaces them: "
+                      "restart the daemon to reopen the volume from the store (the WAL keeps "
+                      "every write)")
+        else:
+            what = "the packs this flush would commit"
+            advice = ("The flush is retried with fresh uploads; if this repeats, the store is "
+                      "too slow for this much dirty data: raise [store] commit_deadline (gc "
+                      "--grace must stay above twice it) or lower cache.wal_budget")
+        raise CommitDeadlineExceeded(
+            f"volume {self.manifest.volume}: {took:.1f}s since the first upload of {what}, "
+            f"over the commit deadline of {self.commit_deadline:g}s; not committing, as "
+            f"glidefs gc may already be deleting those packs as unreachable. {advice}")
+
+
+class _DeadlineStore(ForwardingStore):
+    """The store as Manifest.commit sees it: every PUT is checked against the
+    deadline just before it is sent. The root's compare-and-swap retries
+    with backoff, so a check before the whole commit would not bound when
+    the root lands."""
+
+    def __init__(self, inner: ObjectStore, check: Callable[[], None]) -> None:
+        super().__init__(inner)
+        self._check = check
+
+    def put(self, key: str, data: Data, *, if_match: str | None = None,
+            if_none_match: bool = False) -> str:
+        self._check()
+        return self.inner.put(key, data, if_match=if_match, if_none_match=if_none_match)

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from glide import _native
-from glide.config import Config, VolumeConfig
+from glide.config import DEFAULT_COMMIT_DEADLINE, Config, VolumeConfig
 from glide.fetcher import Fetcher
 from glide.flusher import Flusher, FlushStats
 from glide.manifest import Manifest
@@ -118,13 +118,14 @@ class ServedVolume:
     """A volume open for serving: native volume + manifest + flusher + fetcher."""
 
     def __init__(self, name: str, vol: _native.Volume, manifest: Manifest,
-                 store: ObjectStore, cache_blocks: int | None) -> None:
+                 store: ObjectStore, cache_blocks: int | None,
+                 commit_deadline: float = DEFAULT_COMMIT_DEADLINE) -> None:
         self.name = name
         self.vol = vol
         self.manifest = manifest
         self.store = store
         self.cache_blocks = cache_blocks
-        self.flusher = Flusher(vol, manifest, store)
+        self.flusher = Flusher(vol, manifest, store, commit_deadline=commit_deadline)
         self.fetcher = Fetcher(vol, manifest, store)
         self.fenced: str | None = None  # why this daemon may no longer write the volume
         self.needs_adopt = False  # blocks from before the volume had a store
@@ -165,7 +166,8 @@ class ServedVolume:
             vol.close()
             raise
         sv = cls(vc.name, vol, manifest, store,
-                 None if cfg.cache_size is None else cfg.cache_size // BLOCK)
+                 None if cfg.cache_size is None else cfg.cache_size // BLOCK,
+                 cfg.store.commit_deadline)
         sv.needs_adopt = cold is None and local_only > 0
         sv.fetcher.start()
         return sv

@@ -1,15 +1,16 @@
 """The object-store interface every glidefs store implements, and its errors.
 
 Owns: the `ObjectStore` contract (ranged GET, PUT with If-Match / If-None-Match,
-HEAD, LIST by prefix, idempotent DELETE), the key and prefix rules, and the
-start-up probe `check_conditional_put()` that refuses a store which does not
-honour conditional writes (architecture.md §3, §7).
+HEAD, LIST by prefix, idempotent DELETE, optionally only if unmodified since a
+time), the key and prefix rules, and the start-up probe
+`check_conditional_put()` that refuses a store which does not honour
+conditional writes (architecture.md §3, §7).
 
 Invariants kept here, for every implementation:
 - A key is relative to the store's prefix and passes `validate_key` before any
   I/O, so the same key means the same object on every backend.
-- A conditional PUT whose condition fails raises `PreconditionFailed` and
-  leaves the object untouched; it never overwrites.
+- A conditional PUT or DELETE whose condition fails raises
+  `PreconditionFailed` and leaves the object untouched.
 - `StoreUnavailable` is the only error a caller should retry. From a PUT it
   means the outcome is unknown: the write may or may not have happened.
 """
@@ -56,7 +57,7 @@ class NotFound(StoreError):
 
 
 class PreconditionFailed(StoreError):
-    """A conditional PUT's condition did not hold; nothing was written.
+    """A conditional PUT's or DELETE's condition did not hold; nothing changed.
 
     If-Match against a key that does not exist also raises this (S3 answers
     404 there; the condition "the current ETag is X" failed all the same).
@@ -162,6 +163,14 @@ def validate_range(start: int | None, end: int | None) -> tuple[int, int | None]
     return first, end
 
 
+def validate_since(when: datetime | None) -> datetime | None:
+    """Checks a DELETE's if_unmodified_since: a naive datetime would be read
+    in whatever zone the host is in, and compared with UTC times."""
+    if when is not None and (not isinstance(when, datetime) or when.utcoffset() is None):
+        raise ValueError(f"if_unmodified_since must be a timezone-aware datetime, got {when!r}")
+    return when
+
+
 def as_bytes(data: Data) -> bytes | bytearray | memoryview:
     """Checks the PUT payload type early, with a clear message, and flattens a
     memoryview to unsigned bytes so len() counts bytes whatever its format."""
@@ -177,7 +186,8 @@ class ObjectStore(abc.ABC):
 
     All keys given to and returned by these methods are relative to
     `self.prefix`. Implementations differ only in speed, never in what a
-    caller can observe through this interface.
+    caller can observe through this interface, with one exception: the
+    window S3Store's conditional DELETE leaves open (see `delete`).
     """
 
     def __init__(self, prefix: str = "") -> None:
@@ -246,8 +256,19 @@ class ObjectStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    def delete(self, key: str) -> None:
-        """Removes the object. Deleting a missing key is not an error."""
+    def delete(self, key: str, *, if_unmodified_since: datetime | None = None) -> None:
+        """Removes the object. Deleting a missing key is not an error.
+
+        `if_unmodified_since` (timezone-aware): only if the object's
+        last_modified is at or before that time; otherwise PreconditionFailed
+        and the object stays. A PUT of identical bytes counts as a
+        modification: it moves last_modified although the ETag stays, which is
+        why the condition is a time and not an ETag (GC deletes
+        content-addressed objects, which a flush may upload again).
+        LocalDirStore checks and deletes atomically against PUT. S3Store
+        cannot (S3 offers no such condition on general-purpose buckets): a
+        HEAD then a DELETE, and a PUT landing between the two is deleted.
+        """
 
     def close(self) -> None:  # noqa: B027 - optional hook, most stores hold nothing
         """Releases connections or descriptors; the store is unusable after."""
@@ -333,3 +354,39 @@ class ObjectStore(abc.ABC):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class ForwardingStore(ObjectStore):
+    """`inner` with every operation passed through unchanged: the base of
+    wrappers that change one or two of them (faults, deadlines, tests)."""
+
+    def __init__(self, inner: ObjectStore) -> None:
+        super().__init__()
+        # Keys pass through unchanged and `inner` applies its prefix; the
+        # attribute only mirrors it for callers that print or compare it.
+        self.prefix = inner.prefix
+        self.inner = inner
+
+    def describe(self) -> str:
+        return self.inner.describe()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def get_with_info(
+        self, key: str, start: int | None = None, end: int | None = None
+    ) -> tuple[bytes, ObjectInfo]:
+        return self.inner.get_with_info(key, start, end)
+
+    def put(self, key: str, data: Data, *, if_match: str | None = None,
+            if_none_match: bool = False) -> str:
+        return self.inner.put(key, data, if_match=if_match, if_none_match=if_none_match)
+
+    def head(self, key: str) -> ObjectInfo:
+        return self.inner.head(key)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        return self.inner.list(prefix)
+
+    def delete(self, key: str, *, if_unmodified_since: datetime | None = None) -> None:
+        self.inner.delete(key, if_unmodified_since=if_unmodified_since)

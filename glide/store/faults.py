@@ -26,10 +26,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Final, TypeVar
 
 from glide.store.base import (
     Data,
+    ForwardingStore,
     ObjectInfo,
     ObjectStore,
     PreconditionFailed,
@@ -45,13 +47,13 @@ class FaultKind(enum.Enum):
     LOST_REPLY = "lost_reply"  # the operation is applied, then StoreUnavailable
     DELAY = "delay"  # sleep `seconds`, then perform the operation normally
     HANG = "hang"  # block until `seconds` pass (or release_hangs()), then time out
-    CONFLICT = "conflict"  # conditional PUT only: PreconditionFailed, nothing written
+    CONFLICT = "conflict"  # conditional PUT or DELETE only: PreconditionFailed, nothing changed
     CORRUPT = "corrupt"  # GET only: flip one byte of the returned data
 
 
 # Which fault kinds make sense for which operation; others are ignored.
 _APPLICABLE: Final = {
-    FaultKind.CONFLICT: frozenset({"put"}),
+    FaultKind.CONFLICT: frozenset({"put", "delete"}),
     FaultKind.CORRUPT: frozenset({"get"}),
 }
 
@@ -102,7 +104,7 @@ class FaultPlan:
         self._calls = dict.fromkeys(OPERATIONS, 0)
 
     def next_fault(
-        self, operation: str, key: str, *, conditional_put: bool = False
+        self, operation: str, key: str, *, conditional: bool = False
     ) -> Fault | None:
         """The fault for the next call of `operation` (None: run it normally)."""
         with self._lock:
@@ -113,7 +115,7 @@ class FaultPlan:
                 fault = self._draw(operation)
             if fault is not None and (
                 operation not in _APPLICABLE.get(fault.kind, OPERATIONS)
-                or (fault.kind is FaultKind.CONFLICT and not conditional_put)
+                or (fault.kind is FaultKind.CONFLICT and not conditional)
             ):
                 fault = None
             self.log.append(FaultEvent(operation, number, key, fault))
@@ -152,15 +154,11 @@ class FaultPlan:
                     if e.fault is not None and (kind is None or e.fault.kind is kind)]
 
 
-class FaultyStore(ObjectStore):
+class FaultyStore(ForwardingStore):
     """`inner` with faults from `plan`. Same prefix and keys as `inner`."""
 
     def __init__(self, inner: ObjectStore, plan: FaultPlan) -> None:
-        super().__init__()
-        # Keys pass through unchanged and `inner` applies its prefix; the
-        # attribute only mirrors it for callers that print or compare it.
-        self.prefix = inner.prefix
-        self.inner = inner
+        super().__init__(inner)
         self.plan = plan
         self._released = threading.Event()
 
@@ -182,10 +180,10 @@ class FaultyStore(ObjectStore):
         key: str,
         action: Callable[[], T],
         *,
-        conditional_put: bool = False,
+        conditional: bool = False,
         corrupt: Callable[[T], T] | None = None,
     ) -> T:
-        fault = self.plan.next_fault(operation, key, conditional_put=conditional_put)
+        fault = self.plan.next_fault(operation, key, conditional=conditional)
         if fault is None:
             return action()
         where = f"injected fault: {operation} {key!r}"
@@ -228,7 +226,7 @@ class FaultyStore(ObjectStore):
         return self._run(
             "put", key,
             lambda: self.inner.put(key, data, if_match=if_match, if_none_match=if_none_match),
-            conditional_put=if_match is not None or if_none_match,
+            conditional=if_match is not None or if_none_match,
         )
 
     def head(self, key: str) -> ObjectInfo:
@@ -239,5 +237,7 @@ class FaultyStore(ObjectStore):
         items = self._run("list", prefix, lambda: self.inner.list(prefix))
         yield from items
 
-    def delete(self, key: str) -> None:
-        self._run("delete", key, lambda: self.inner.delete(key))
+    def delete(self, key: str, *, if_unmodified_since: datetime | None = None) -> None:
+        self._run("delete", key,
+                  lambda: self.inner.delete(key, if_unmodified_since=if_unmodified_since),
+                  conditional=if_unmodified_since is not None)

@@ -20,8 +20,14 @@ Invariants:
   exclusive flock taken on a fresh file descriptor, so they are atomic
   against other threads *and* processes using the same root. Unconditional
   PUT and DELETE take the same lock, or they could land between another
-  writer's check and rename. Locks are striped by key hash (LOCK_STRIPES
-  files); flock is released by the kernel if the holder dies.
+  writer's check and rename. A conditional DELETE reads the file's mtime and
+  unlinks it under that lock, so a PUT's rename lands wholly before (the
+  check sees it) or after (the object is back). Locks are striped by key
+  hash (LOCK_STRIPES files); flock is released by the kernel if the holder
+  dies.
+- last_modified is the file's mtime, set as the temporary file's data was
+  written: after the PUT began and before its rename, as S3's falls within
+  its request. GC's age arithmetic relies on it never being earlier.
 - ETag = '"' + hex(xxh3-128(content)) + '"' (format 2; format 1 files, from
   before, carry blake2b-128 and keep reading): a pure function of the
   content, like S3's single-part ETag (MD5). Rewriting identical bytes
@@ -60,6 +66,7 @@ from glide.store.base import (
     as_bytes,
     validate_list_prefix,
     validate_range,
+    validate_since,
 )
 
 # Header: magic | format version | header length | data size | 128-bit digest
@@ -299,11 +306,18 @@ class LocalDirStore(ObjectStore):
         os.close(fd)
         return temp
 
-    def delete(self, key: str) -> None:
+    def delete(self, key: str, *, if_unmodified_since: datetime | None = None) -> None:
+        validate_since(if_unmodified_since)
         full_key = self.full_key(key)
         path = self._path(full_key)
         with _translate_os_errors("delete", key), self._key_lock(full_key):
             try:
+                if if_unmodified_since is not None:
+                    modified = _mtime(os.stat(path))
+                    if modified > if_unmodified_since:
+                        raise PreconditionFailed(
+                            f"delete {key!r}: modified at {modified.isoformat()}, after "
+                            f"{if_unmodified_since.isoformat()}")
                 os.unlink(path)
             except (FileNotFoundError, NotADirectoryError):
                 return
@@ -353,7 +367,13 @@ def _read_header(fd: int, path: Path) -> tuple[int, bytes, datetime, int]:
         raise StoreError(
             f"object file {path} is corrupt: {st.st_size} bytes, header says {HEADER.size + size}"
         )
-    return size, digest, datetime.fromtimestamp(st.st_mtime, tz=UTC), version
+    return size, digest, _mtime(st), version
+
+
+def _mtime(st: os.stat_result) -> datetime:
+    # One conversion for HEAD, LIST and the conditional DELETE, so a time
+    # read from one compares exactly with the check in the other.
+    return datetime.fromtimestamp(st.st_mtime, tz=UTC)
 
 
 def _pread_exact(fd: int, length: int, offset: int, path: Path) -> bytes:

@@ -20,11 +20,21 @@ Invariants:
   If-Match on CompleteMultipartUpload is not used because moto (our test
   peer) does not enforce it, so it could not be tested, and the only object
   glidefs compare-and-swaps (the manifest root) is small.
+- A conditional DELETE (if_unmodified_since) is a HEAD, a comparison, then
+  an unconditional DELETE. S3 has If-Match on DeleteObject, but an ETag
+  cannot see an identical re-upload (same bytes, same ETag), which is the
+  one rewrite GC has to notice; the time condition it has,
+  x-amz-if-match-last-modified-time, works on directory buckets only, and
+  moto ignores it. So a PUT that lands between this HEAD and this DELETE is
+  deleted: a window of one DELETE round trip (see glide/gc.py).
+- Last-Modified has whole-second resolution (HEAD sends an HTTP date, LIST
+  a time ending in .000Z): an object can look up to 1 s older than it is.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any, Final, Literal
 
 import boto3
@@ -43,6 +53,7 @@ from glide.store.base import (
     as_bytes,
     validate_list_prefix,
     validate_range,
+    validate_since,
 )
 
 MiB: Final = 1 << 20
@@ -318,8 +329,18 @@ class S3Store(ObjectStore):
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError):
             pass
 
-    def delete(self, key: str) -> None:
+    def delete(self, key: str, *, if_unmodified_since: datetime | None = None) -> None:
+        validate_since(if_unmodified_since)
         full_key = self.full_key(key)
+        if if_unmodified_since is not None:
+            try:
+                modified = self.head(key).last_modified
+            except NotFound:
+                return
+            if modified is None or modified > if_unmodified_since:
+                raise PreconditionFailed(
+                    f"S3 DELETE s3://{self.bucket}/{full_key}: modified at {modified}, after "
+                    f"{if_unmodified_since.isoformat()}")
         try:
             self._client.delete_object(Bucket=self.bucket, Key=full_key)
         except botocore.exceptions.ClientError as e:

@@ -32,7 +32,7 @@ from nbdclients import SYSTEM_PYTHON, qemu_io, system_env
 
 from glide import _native
 from glide.fetcher import Fetcher
-from glide.gc import collect_garbage
+from glide.gc import TIMESTAMP_RESOLUTION, collect_garbage
 from glide.manifest import Manifest, reachable_keys, root_key
 from glide.store import LocalDirStore, ObjectStore
 
@@ -359,17 +359,22 @@ def test_every_committed_version_is_a_state_the_volume_had(
 
 def test_gc_keeps_everything_reachable_under_concurrent_flushes(
         daemon_factory: Callable[..., Daemon], store_spec: StoreSpec, tmp_short: Path) -> None:
-    d = start(daemon_factory, store_spec, VOL_BLOCKS * BS, "--flush-interval", "20ms")
+    # A short commit deadline allows a short grace period (more than twice
+    # the deadline), so GC finds garbage while the writer still runs: the
+    # race under test. Flushes every 20 ms mostly take well under 0.3 s; one
+    # that does not is refused and retried. The grace period leaves GC 1.4 s
+    # (grace - 2 x deadline) to finish deleting, several times what it needs.
+    deadline, grace = 0.3, 2.0
+    d = start(daemon_factory, store_spec, VOL_BLOCKS * BS, "--flush-interval", "20ms",
+              "--commit-deadline", f"{deadline}s")
     store = store_spec.open()
     log = tmp_short / "w.log"
     w = dh.start_writer(d, log, first=0, blocks=VOL_BLOCKS, start_gen=1, seed=11, qd=8,
-                        duration=4.0)
+                        duration=5.0)
     deleted = 0
     try:
-        # Overwrites make packs unreachable; a 1 s grace lets GC delete them
-        # while the writer is still going, which is the race under test.
         while w.poll() is None:
-            report = collect_garbage(store, grace=1.0)
+            report = collect_garbage(store, grace=grace, commit_deadline=deadline)
             deleted += report.deleted
             assert_store_complete(store)
             time.sleep(0.2)
@@ -378,14 +383,15 @@ def test_gc_keeps_everything_reachable_under_concurrent_flushes(
     assert w.returncode == 0
     warm = _image(d, tmp_short / "warm.img")
     assert d.stop() == 0
-    time.sleep(1.1)
-    dry = collect_garbage(store, grace=1.0, dry_run=True)
-    r = glidefs(store_spec, "gc", "--grace", "1s")
+    time.sleep(grace + TIMESTAMP_RESOLUTION + 0.1)
+    dry = collect_garbage(store, grace=grace, commit_deadline=deadline, dry_run=True)
+    r = glidefs(store_spec, "gc", "--grace", f"{grace}s", "--commit-deadline", f"{deadline}s")
     assert r.returncode == 0, r.stderr
     assert f"deleted {dry.deleted} " in r.stdout, (r.stdout, dry.summary())
     deleted += dry.deleted
     assert deleted > 0, "GC never found garbage: the test proved nothing"
-    assert collect_garbage(store, grace=0.001, dry_run=True).deleted == 0
+    # No daemon runs now, so no flush can commit: any deadline is safe.
+    assert collect_garbage(store, grace=0.001, commit_deadline=0.0001, dry_run=True).deleted == 0
     assert_store_complete(store)
     cold = start(daemon_factory, store_spec, VOL_BLOCKS * BS)
     assert _image(cold, tmp_short / "cold.img") == warm

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,23 @@ def test_conflict_only_hits_conditional_puts(inner: LocalDirStore) -> None:
     with pytest.raises(PreconditionFailed):
         store.put("k", b"cas", if_match=etag)
     assert inner.get("k") == b"plain"
+    assert [e.call_number for e in plan.injected(FaultKind.CONFLICT)] == [1]
+
+
+def test_conditional_delete_passes_through_and_can_conflict(inner: LocalDirStore) -> None:
+    plan = FaultPlan(schedule={("delete", 1): Fault(FaultKind.CONFLICT),
+                               ("delete", 2): Fault(FaultKind.CONFLICT)})
+    store = FaultyStore(inner, plan)
+    store.put("k", b"x")
+    modified = inner.head("k").last_modified
+    assert modified is not None
+    with pytest.raises(PreconditionFailed):  # the real condition, from the inner store
+        store.delete("k", if_unmodified_since=modified - timedelta(seconds=1))
+    with pytest.raises(PreconditionFailed):  # injected
+        store.delete("k", if_unmodified_since=modified)
+    store.delete("k")  # unconditional: CONFLICT does not apply
+    with pytest.raises(NotFound):
+        inner.head("k")
     assert [e.call_number for e in plan.injected(FaultKind.CONFLICT)] == [1]
 
 

@@ -9,13 +9,17 @@ from __future__ import annotations
 import os
 import random
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from glide import _native
+from glide import flusher as flusher_module
 from glide.fetcher import Fetcher
-from glide.flusher import Flusher
+from glide.flush_scheduler import FlushScheduler
+from glide.flusher import CommitDeadlineExceeded, Flusher, FlushStats
 from glide.manifest import Manifest, root_key
 from glide.store.base import ObjectStore, StoreUnavailable
 from glide.store.faults import Fault, FaultKind, FaultPlan, FaultyStore
@@ -56,6 +60,14 @@ def cold_image(store: ObjectStore, manifest: Manifest, path: Path) -> tuple[byte
     stats = cold.stats()
     cold.close()
     return data, stats
+
+
+def assert_commits_all(flush: Callable[[], FlushStats | None], stored: int,
+                       store: ObjectStore, want: bytes, path: Path) -> None:
+    """`flush` commits `stored` blocks, after which the store alone serves `want`."""
+    stats = flush()
+    assert stats is not None and stats.stored == stored
+    assert cold_image(store, Manifest.open(store, "vol0"), path)[0] == want
 
 
 @pytest.fixture
@@ -148,9 +160,8 @@ def test_failed_upload_or_commit_changes_nothing(store: ObjectStore, writer_mani
     assert v.stats()["dirty_blocks"] == 64  # still in the WAL, still dirty
     assert image(v) == want
     # the store recovers: the retry commits everything
-    stats = Flusher(v, writer_manifest, store).flush_once()
-    assert stats is not None and stats.stored == 64
-    assert cold_image(store, Manifest.open(store, "vol0"), tmp_path / "b")[0] == want
+    assert_commits_all(Flusher(v, writer_manifest, store).flush_once, 64, store, want,
+                       tmp_path / "b")
     v.close()
 
 
@@ -207,5 +218,114 @@ def test_adopting_data_written_before_the_store(store: ObjectStore, writer_manif
     stats = fl.adopt_local()
     assert stats is not None and stats.stored == 32
     assert fl.adopt_local() is None  # now REMOTE: nothing left to adopt
+    assert cold_image(store, Manifest.open(store, "vol0"), tmp_path / "b")[0] == want
+    v.close()
+
+
+# --- the commit deadline ------------------------------------------------------------
+
+
+def test_commit_deadline_refuses_packs_uploaded_too_long_ago(
+        store: ObjectStore, writer_manifest: Manifest, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """GC may delete an unreachable pack once it is older than its grace
+    period, so a flush must not commit packs it uploaded long ago."""
+    v = new_volume(tmp_path / "a")
+    v.write(0, os.urandom(64 * BS))
+    want = image(v)
+    before = store.get(root_key("vol0"))
+    slow = FaultyStore(store, FaultPlan(schedule={("put", 0): Fault(FaultKind.DELAY, 0.6)}))
+    fl = Flusher(v, writer_manifest, slow, commit_deadline=0.3)
+    with pytest.raises(CommitDeadlineExceeded, match=r"volume vol0: \d+\.\ds since .* deadline "
+                       r"of 0\.3s; not committing, as glidefs gc may"):
+        fl.flush_once()
+    assert store.get(root_key("vol0")) == before  # nothing committed
+    assert not writer_manifest.dirty  # nor even applied
+    assert v.stats()["dirty_blocks"] == 64
+
+    # The scheduler sees a failed flush like any other: retry with backoff.
+    class Refused:
+        def flush(self) -> None:
+            fl.flush_once()
+
+    slow.plan = FaultPlan(schedule={("put", 0): Fault(FaultKind.DELAY, 0.6)})  # slow again
+    scheduler = FlushScheduler({}, 1.0)
+    assert not scheduler.flush("vol0", Refused())  # type: ignore[arg-type]
+    assert scheduler.failures == {"vol0": 1} and "vol0" in scheduler.retry_at
+    assert "flush failed volume=vol0" in caplog.text and "commit deadline" in caplog.text
+
+    assert_commits_all(fl.flush_once, 64, store, want, tmp_path / "b")  # uploaded in time
+    v.close()
+
+
+def test_commit_deadline_holds_up_to_the_root_put(store: ObjectStore, writer_manifest: Manifest,
+                                                  tmp_path: Path) -> None:
+    """Checked before every PUT of the commit, not only before it starts:
+    here the manifest nodes are slow, and the root is never sent."""
+    v = new_volume(tmp_path / "a")
+    v.write(0, os.urandom(64 * BS))
+    want = image(v)
+    before = store.get(root_key("vol0"))
+    # put 0 is the one pack, then the nodes (a leaf and an inner node), then the root
+    plan = FaultPlan(schedule={("put", 1): Fault(FaultKind.DELAY, 2.0)})
+    fl = Flusher(v, writer_manifest, FaultyStore(store, plan), commit_deadline=1.0)
+    with pytest.raises(CommitDeadlineExceeded):
+        fl.flush_once()
+    sent = [e.key for e in plan.log if e.operation == "put"]
+    assert len(sent) == 3 and root_key("vol0") not in sent, sent
+    assert store.get(root_key("vol0")) == before
+    # The retry's cut holds every block the refused commit applied, so what
+    # that commit left in the manifest does not hold the retry back.
+    assert_commits_all(fl.flush_once, 64, store, want, tmp_path / "b")
+    v.close()
+
+
+def test_adopt_retries_a_failed_commit_past_the_deadline(store: ObjectStore,
+                                                         writer_manifest: Manifest,
+                                                         tmp_path: Path) -> None:
+    """A failed commit leaves its changes in the manifest. adopt_local re-applies
+    those blocks first, so waiting past the deadline does not block it; once
+    one of them is written again nothing can replace its old location, and
+    the deadline refuses to commit that."""
+    v = new_volume(tmp_path / "a")
+    v.write(0, os.urandom(32 * BS))
+    v.checkpoint()  # local only
+    want = image(v)
+    failing = FaultPlan(schedule={("put", 1): Fault(FaultKind.ERROR)})  # a manifest node
+    fl = Flusher(v, writer_manifest, FaultyStore(store, failing), commit_deadline=0.3)
+    with pytest.raises(StoreUnavailable):
+        fl.adopt_local()
+    assert writer_manifest.dirty
+    time.sleep(0.4)
+    assert_commits_all(fl.adopt_local, 32, store, want, tmp_path / "b")
+
+    v.write(32 * BS, os.urandom(8 * BS))
+    v.checkpoint()
+    before = store.get(root_key("vol0"))
+    failing = FaultPlan(schedule={("put", 1): Fault(FaultKind.ERROR)})
+    fl.store = FaultyStore(store, failing)
+    with pytest.raises(StoreUnavailable):
+        fl.adopt_local()
+    v.write(33 * BS, os.urandom(BS))  # no longer local-only: DIRTY
+    time.sleep(0.4)
+    with pytest.raises(CommitDeadlineExceeded, match="restart the daemon"):
+        fl.adopt_local()
+    assert store.get(root_key("vol0")) == before
+    v.close()
+
+
+def test_adopt_commits_a_large_volume_in_parts(store: ObjectStore, writer_manifest: Manifest,
+                                               tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """One commit for all of a volume could take longer than the deadline."""
+    monkeypatch.setattr(flusher_module, "ADOPT_COMMIT_BLOCKS", 8)
+    v = new_volume(tmp_path / "a")
+    v.write(0, os.urandom(30 * BS))
+    v.checkpoint()
+    want = image(v)
+    version = writer_manifest.version
+    stats = Flusher(v, writer_manifest, store).adopt_local()
+    assert stats is not None and (stats.blocks, stats.stored) == (30, 30)
+    assert writer_manifest.version == version + 4
     assert cold_image(store, Manifest.open(store, "vol0"), tmp_path / "b")[0] == want
     v.close()

@@ -7,7 +7,10 @@ import errno
 import hashlib
 import os
 import struct
+import threading
+import time
 import zlib
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -171,3 +174,38 @@ def test_two_store_objects_share_locks_and_data(tmp_path: Path) -> None:
     with pytest.raises(PreconditionFailed):
         one.put("root", b"v3", if_match=etag)
     assert one.get("root") == b"v2"
+
+
+def test_conditional_delete_is_atomic_against_a_put(store: LocalDirStore) -> None:
+    """A re-PUT of an old object and a conditional DELETE, both waiting for
+    the key's lock, in either order: the object survives (the DELETE sees
+    the new mtime, or comes before the rename). Checking the mtime before
+    taking the lock would lose it when the PUT goes first."""
+    data = b"content-addressed pack"
+    full_key = store.full_key("packs/p")
+    outcomes: list[str] = []
+
+    def delete(cutoff: datetime) -> None:
+        try:
+            store.delete("packs/p", if_unmodified_since=cutoff)
+            outcomes.append("deleted, then put again")
+        except PreconditionFailed:
+            outcomes.append("refused")
+
+    for n in range(10):
+        store.put("packs/p", data)
+        old = time.time() - 3600
+        os.utime(store._path(full_key), (old, old))
+        cutoff = datetime.now(UTC) - timedelta(seconds=60)
+        threads = [threading.Thread(target=store.put, args=("packs/p", data)),
+                   threading.Thread(target=delete, args=(cutoff,))]
+        if n % 2:
+            threads.reverse()
+        with store._key_lock(full_key):
+            for t in threads:
+                t.start()
+                time.sleep(0.05)  # waits for the lock before the next one starts
+        for t in threads:
+            t.join()
+        assert store.get("packs/p") == data, outcomes
+    assert "refused" in outcomes and "deleted, then put again" in outcomes

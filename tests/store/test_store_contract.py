@@ -13,7 +13,8 @@ import multiprocessing
 import os
 import re
 import threading
-from datetime import datetime
+import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ from glide.store import (
     StoreError,
     StoreUnsafe,
 )
-from glide.store.base import PROBE_PREFIX
+from glide.store.base import PROBE_PREFIX, ForwardingStore
 
 MiB = 1 << 20
 
@@ -126,6 +127,34 @@ def test_delete_is_idempotent(store: ObjectStore) -> None:
     store.delete("d")
     store.delete("never/existed")
     assert list(store.list()) == []
+
+
+def test_delete_if_unmodified_since(store: ObjectStore) -> None:
+    store.put("c", b"x")
+    modified = store.head("c").last_modified
+    assert modified is not None
+    with pytest.raises(PreconditionFailed):
+        store.delete("c", if_unmodified_since=modified - timedelta(seconds=2))
+    assert store.get("c") == b"x"  # refused: untouched
+    store.delete("c", if_unmodified_since=modified)  # not after: deleted
+    with pytest.raises(NotFound):
+        store.head("c")
+    store.delete("c", if_unmodified_since=modified)  # missing: still not an error
+    with pytest.raises(ValueError, match="timezone-aware"):
+        store.delete("c", if_unmodified_since=datetime(2020, 1, 1))
+
+
+def test_identical_rewrite_defeats_a_conditional_delete(store: ObjectStore) -> None:
+    """The same bytes PUT again keep the ETag but count as a modification:
+    GC relies on it when a flush uploads an old unreachable pack again."""
+    etag = store.put("packs/p", b"same bytes")
+    before = store.head("packs/p").last_modified
+    assert before is not None
+    time.sleep(1.1)  # S3's Last-Modified has whole seconds
+    assert store.put("packs/p", b"same bytes") == etag
+    with pytest.raises(PreconditionFailed):
+        store.delete("packs/p", if_unmodified_since=before)
+    assert store.get("packs/p") == b"same bytes"
 
 
 def test_object_and_prefix_of_the_same_name_coexist(store: ObjectStore) -> None:
@@ -404,16 +433,13 @@ def test_check_conditional_put_passes_and_cleans_up(store: ObjectStore) -> None:
     assert list(store.list(PROBE_PREFIX)) == []
 
 
-class _IgnoresConditions(ObjectStore):
+class _IgnoresConditions(ForwardingStore):
     """A store that drops one kind of condition: what check_conditional_put
     exists to catch (e.g. an S3-compatible store from before 2024)."""
 
     def __init__(self, inner: ObjectStore, drop: str) -> None:
-        super().__init__()
-        self.inner, self.drop = inner, drop
-
-    def get_with_info(self, key, start=None, end=None):
-        return self.inner.get_with_info(key, start, end)
+        super().__init__(inner)
+        self.drop = drop
 
     def put(self, key, data, *, if_match=None, if_none_match=False):
         if self.drop == "if_none_match":
@@ -430,15 +456,6 @@ class _IgnoresConditions(ObjectStore):
             except NotFound:
                 if_match = None
         return self.inner.put(key, data, if_match=if_match, if_none_match=if_none_match)
-
-    def head(self, key):
-        return self.inner.head(key)
-
-    def list(self, prefix=""):
-        return self.inner.list(prefix)
-
-    def delete(self, key):
-        self.inner.delete(key)
 
 
 @pytest.mark.parametrize(
