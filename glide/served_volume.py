@@ -53,6 +53,18 @@ BINDING_FILE = "store-binding.json"
 STORE_ID_KEY = "store-id"
 
 
+def cached_block_budget(cache_size: int) -> int:
+    """How many blocks eviction keeps cached under `cache.size` bytes.
+
+    The cache file's allocation is its cached blocks plus the filesystem's
+    extent tree, which grows with every punched hole: ext4 needs one 4 KiB
+    index block per ~340 extents, so a cache of scattered single blocks
+    spends up to ~0.3% on it. Leaving 1/256 (at least 16 blocks) keeps the
+    whole allocation within the configured size."""
+    blocks = cache_size // BLOCK
+    return max(1, blocks - max(16, blocks // 256))
+
+
 class VolumeConflict(RuntimeError):
     """The local cache and the store disagree in a way only an operator may
     settle; the message says what and how."""
@@ -166,7 +178,7 @@ class ServedVolume:
             vol.close()
             raise
         sv = cls(vc.name, vol, manifest, store,
-                 None if cfg.cache_size is None else cfg.cache_size // BLOCK,
+                 None if cfg.cache_size is None else cached_block_budget(cfg.cache_size),
                  cfg.store.commit_deadline)
         sv.needs_adopt = cold is None and local_only > 0
         sv.fetcher.start()
