@@ -278,7 +278,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("two volumes ask for the same ublk_id")
     st = cfg.store
     # Also for a Config built in code rather than parsed.
-    st.commit_deadline = parse_duration(st.commit_deadline, "store.commit_deadline")
+    parse_duration(st.commit_deadline, "store.commit_deadline")
     if st.kind == "s3":
         if not st.bucket:
             raise ConfigError("store.bucket is required for an s3 store")

@@ -6,6 +6,7 @@ easily force: torn WAL tails, corrupt state files, gaps, backpressure.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -211,15 +212,23 @@ def test_corrupt_state_file_and_size_mismatch(tmp_path: Path) -> None:
         open_vol(p)
 
 
+def fill_to_budget(v: Volume, budget: int, chunk: bytes) -> int:
+    """Writes `chunk` at consecutive offsets until one more write of it (two
+    blocks of slack for the index charge) would pass the WAL budget; returns
+    the next offset."""
+    off = 0
+    while v.stats()["charge"] + len(chunk) + 2 * 4096 < budget:
+        v.write(off, chunk)
+        off += len(chunk)
+    return off
+
+
 def test_backpressure_waits_for_checkpoint(tmp_path: Path) -> None:
     """Over the budget a writer waits (does not fail) until a checkpoint frees space."""
     budget = 128 * MiB
     v = Volume(str(tmp_path / "v"), 256 * MiB, budget, 34 * MiB)
     chunk = os.urandom(MiB)
-    off = 0
-    while v.stats()["charge"] + MiB + 2 * 4096 < budget:
-        v.write(off, chunk)
-        off += MiB
+    off = fill_to_budget(v, budget, chunk)
     done = threading.Event()
 
     def writer() -> None:
@@ -243,15 +252,10 @@ def test_read_only_fails_writes_including_those_waiting_for_budget(tmp_path: Pat
     """Fencing: once read-only, writes fail with EROFS at once, and a writer
     already waiting on the WAL budget (which nothing will now drain) fails
     too instead of waiting forever. What was written stays readable."""
-    import errno
-
     budget = 128 * MiB
     v = Volume(str(tmp_path / "v"), 256 * MiB, budget, 34 * MiB)
     chunk = os.urandom(MiB)
-    off = 0
-    while v.stats()["charge"] + MiB + 2 * 4096 < budget:
-        v.write(off, chunk)
-        off += MiB
+    off = fill_to_budget(v, budget, chunk)
     result: list[BaseException | None] = []
 
     def writer() -> None:
