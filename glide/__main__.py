@@ -1,5 +1,5 @@
 """`python -m glide` is the `glidefs` command."""
 
-from glide.cli import main
+from glide.cli.main import main
 
 raise SystemExit(main())

@@ -1,5 +1,5 @@
 /* pack_build.c — one pack from a volume's blocks, byte for byte the format of
- * glide/pack.py (version 1), so that module's strict decoders accept it.
+ * glide/repo/pack.py (version 1), so that module's strict decoders accept it.
  *
  * Work is split in two:
  *  - in parallel (the caller plus threads-1 pthreads, each with its own zstd

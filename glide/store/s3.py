@@ -26,7 +26,7 @@ Invariants:
   one rewrite GC has to notice; the time condition it has,
   x-amz-if-match-last-modified-time, works on directory buckets only, and
   moto ignores it. So a PUT that lands between this HEAD and this DELETE is
-  deleted: a window of one DELETE round trip (see glide/gc.py).
+  deleted: a window of one DELETE round trip (see glide/repo/gc.py).
 - Last-Modified has whole-second resolution (HEAD sends an HTTP date, LIST
   a time ending in .000Z): an object can look up to 1 s older than it is.
 """

@@ -49,8 +49,8 @@ from daemon_helpers import (
 from nbdclients import SYSTEM_PYTHON, TOOLS_DIR, system_env
 from store_proxy import Message, StoreProxy
 
-from glide.manifest import Manifest
-from glide.pack import pack_object_key, read_index
+from glide.repo.manifest import Manifest
+from glide.repo.pack import pack_object_key, read_index
 from glide.store import ObjectStore
 
 if TYPE_CHECKING:
@@ -393,7 +393,7 @@ def test_store_outage_loses_nothing(rig: Rig, tmp_short: Path, fault: str) -> No
 
 
 # How long a read miss may wait for a failing store before its EIO: the
-# fetcher tries 3 times (glide/fetcher.py), each a GET that the client tries
+# fetcher tries 3 times (glide/volume/fetcher.py), each a GET that the client tries
 # twice; a 503 is answered at once, a hang costs the 2 s read timeout.
 MISS_BOUND = {"error503": 8.0, "hang": 3 * (2 * 2.0 + 1.5) + 1.0}
 
@@ -650,7 +650,7 @@ WARM = range(13000, 13064)
 # What a flush attempt may hold while the store is down: the dirty data is at
 # most the WAL budget (70 MiB; here at most the 50 MiB region), built into
 # packs of 16 MiB, at most upload_workers + 1 = 5 of them waiting
-# (glide/flusher.py), plus a copy of each of the 4 in upload (S3Store.put):
+# (glide/volume/flusher.py), plus a copy of each of the 4 in upload (S3Store.put):
 # about 70 + 64 MiB. 160 MiB above the start leaves room for allocator slack
 # and is still less than the 200 MiB written, so a daemon that kept writes in
 # memory could not pass. (Measured: about 100 MiB.)

@@ -31,10 +31,10 @@ from daemon_helpers import BS, MiB
 from nbdclients import SYSTEM_PYTHON, qemu_io, system_env
 
 from glide import _native
-from glide.fetcher import Fetcher
-from glide.gc import TIMESTAMP_RESOLUTION, collect_garbage
-from glide.manifest import Manifest, reachable_keys, root_key
+from glide.repo.gc import TIMESTAMP_RESOLUTION, collect_garbage
+from glide.repo.manifest import Manifest, reachable_keys, root_key
 from glide.store import LocalDirStore, ObjectStore
+from glide.volume.fetcher import Fetcher
 
 if TYPE_CHECKING:
     from conftest import Daemon

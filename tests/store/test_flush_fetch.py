@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 
 from glide import _native
-from glide import flusher as flusher_module
-from glide.fetcher import Fetcher
-from glide.flush_scheduler import FlushScheduler
-from glide.flusher import CommitDeadlineExceeded, Flusher, FlushStats
-from glide.manifest import Manifest, root_key
+from glide.repo.manifest import Manifest, root_key
 from glide.store.base import ObjectStore, StoreUnavailable
 from glide.store.faults import Fault, FaultKind, FaultPlan, FaultyStore
+from glide.volume import flusher as flusher_module
+from glide.volume.fetcher import Fetcher
+from glide.volume.flusher import CommitDeadlineExceeded, Flusher, FlushStats
+from glide.volume.scheduler import FlushScheduler
 
 BS = 4096
 MiB = 1 << 20

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from glide import gc as gc_module
-from glide.cli import main
-from glide.gc import GcStopped, GraceTooShort, collect_garbage
+from glide.cli.main import main
+from glide.repo import gc as gc_module
+from glide.repo.gc import GcStopped, GraceTooShort, collect_garbage
 from glide.store import LocalDirStore, NotFound, ObjectInfo, ObjectStore
 from glide.store.base import ForwardingStore
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from glide.cli import _base_config, build_parser, config_from_args
+from glide.cli.main import _base_config, build_parser, config_from_args
 from glide.config import (
     DEFAULT_COMMIT_DEADLINE,
     Config,

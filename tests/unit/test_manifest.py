@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from glide import manifest as mf
-from glide.manifest import (
+from glide.repo import manifest as mf
+from glide.repo.manifest import (
     Fenced,
     FormatError,
     Location,
@@ -30,7 +30,7 @@ from glide.manifest import (
     bench_commit_cost,
     reachable_keys,
 )
-from glide.pack import PackWriter
+from glide.repo.pack import PackWriter
 from glide.store import LocalDirStore, NotFound, ObjectStore, StoreUnavailable
 from glide.store.faults import Fault, FaultKind, FaultPlan, FaultyStore
 
@@ -440,7 +440,7 @@ def test_unchanged_content_rewrites_nothing_but_the_root(store: LocalDirStore) -
 
 def test_real_packs_end_to_end(store: LocalDirStore) -> None:
     """Packs written by PackWriter, located through the manifest, read back."""
-    from glide import pack
+    from glide.repo import pack
 
     rng = random.Random(5)
     manifest = Manifest.create(store, "real", 64 * BS, writer="w")

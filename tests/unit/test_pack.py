@@ -17,8 +17,8 @@ import pytest
 import xxhash
 import zstandard
 
-from glide import pack
-from glide.pack import (
+from glide.repo import pack
+from glide.repo.pack import (
     BLOCK_SIZE,
     FLAG_RAW,
     FOOTER_SIZE,

@@ -1,6 +1,6 @@
 """The C pack builder (native/pack_build.c) against the pack format.
 
-glide/pack.py owns the format; every pack built here goes through its strict
+glide/repo/pack.py owns the format; every pack built here goes through its strict
 decoders, and every block comes back bit-exact through `decode_block`, so a
 builder that drifts from the format fails here rather than in a fetcher.
 """
@@ -16,13 +16,14 @@ import pytest
 import xxhash
 import zstandard
 
-from glide import _native, pack
-from glide.flusher import Flusher
-from glide.manifest import Location, Manifest, root_key
-from glide.pack import AS_OF_CURRENT, BLOCK_SIZE, FLAG_RAW, ZERO_HASH, PackWriter, build_pack
+from glide import _native
+from glide.repo import pack
+from glide.repo.manifest import Location, Manifest, root_key
+from glide.repo.pack import AS_OF_CURRENT, BLOCK_SIZE, FLAG_RAW, ZERO_HASH, PackWriter, build_pack
 from glide.store import LocalDirStore
 from glide.store.base import StoreUnavailable
 from glide.store.faults import Fault, FaultKind, FaultPlan, FaultyStore
+from glide.volume.flusher import Flusher
 
 MiB = 1 << 20
 SIZE = 16 * MiB

@@ -11,7 +11,7 @@ Keeps:
   - at most one daemon per data directory (an flock held for the process's
     life; the kernel drops it on any death, kill -9 included);
   - start-up refuses a store that does not honour conditional PUT, and a
-    volume whose cache and store disagree (glide/served_volume.py);
+    volume whose cache and store disagree (glide/volume/served.py);
   - shutdown order: stop accepting, drain connections (in-flight requests are
     answered), flush every volume to the store, stop the fetchers, close. A
     final flush that fails leaves the data in the WAL for the next start.
@@ -37,11 +37,11 @@ from pathlib import Path
 
 from glide import _native
 from glide.config import Config, VolumeConfig, parse_hostport
-from glide.flush_scheduler import FlushScheduler
-from glide.manifest import Fenced
-from glide.nbd_handshake import Export, negotiate_and_attach
-from glide.served_volume import ServedVolume, store_identity
+from glide.export.nbd import Export, negotiate_and_attach
+from glide.repo.manifest import Fenced
 from glide.store import ObjectStore, StoreError, from_config
+from glide.volume.scheduler import FlushScheduler
+from glide.volume.served import ServedVolume, store_identity
 
 log = logging.getLogger("glide.daemon")
 
@@ -346,7 +346,7 @@ class Daemon:
                     log.info("final flush volume=%s blocks=%d manifest_version=%d", name,
                              st.blocks, sv.manifest.version)
             except (StoreError, OSError, Fenced) as e:
-                # Never a bare local checkpoint (glide/served_volume.py): the
+                # Never a bare local checkpoint (glide/volume/served.py): the
                 # WAL keeps everything and the next start flushes it.
                 log.error("final flush failed volume=%s error=%s; %d blocks stay in the WAL "
                           "for the next start", name, e, sv.dirty_blocks())

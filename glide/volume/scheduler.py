@@ -3,7 +3,7 @@
 One thread for all volumes. A volume flushes when its WAL passes half its
 budget (the C side signals `pressure_fd`: writers are about to wait), or when
 it has held dirty data for `interval` seconds. A failed flush changed nothing
-visible (glide/flusher.py), so it is retried with exponential backoff (also
+visible (glide/volume/flusher.py), so it is retried with exponential backoff (also
 one whose commit its deadline refused: CommitDeadlineExceeded is a
 StoreError, and the retry uploads afresh); the
 daemon keeps serving from the cache meanwhile, and writers slow down only
@@ -24,10 +24,10 @@ import select
 import threading
 import time
 
-from glide.manifest import Fenced
-from glide.pack import FormatError
-from glide.served_volume import ServedVolume
+from glide.repo.manifest import Fenced
+from glide.repo.pack import FormatError
 from glide.store.base import StoreError
+from glide.volume.served import ServedVolume
 
 log = logging.getLogger("glide.flush")
 

@@ -20,7 +20,7 @@ Invariants:
     read before objects are listed, so a root GC did not see lands after GC
     started; a flush sends no PUT of its commit once `commit_deadline` has
     passed since the first upload of a pack it names began
-    (glide/flusher.py), so every object such a root reaches that GC's roots
+    (glide/volume/flusher.py), so every object such a root reaches that GC's roots
     do not was written at most commit_deadline (plus the last PUT's time in
     flight, plus clock skew between this host and the store) before GC
     started: younger than the grace period. The margin beyond one deadline,
@@ -57,10 +57,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from glide.config import DEFAULT_COMMIT_DEADLINE
-from glide.flusher import deadline_clock
-from glide.manifest import NODE_PREFIX, VOLUME_PREFIX, Root, reachable_keys
-from glide.pack import PACK_PREFIX
+from glide.repo.manifest import NODE_PREFIX, VOLUME_PREFIX, Root, reachable_keys
+from glide.repo.pack import PACK_PREFIX
 from glide.store.base import NotFound, ObjectStore, PreconditionFailed
+from glide.volume.flusher import deadline_clock
 
 log = logging.getLogger("glide.gc")
 

@@ -41,10 +41,10 @@ from pathlib import Path
 
 from glide import _native
 from glide.config import DEFAULT_COMMIT_DEADLINE, Config, VolumeConfig
-from glide.fetcher import Fetcher
-from glide.flusher import Flusher, FlushStats
-from glide.manifest import Manifest
+from glide.repo.manifest import Manifest
 from glide.store.base import NotFound, ObjectStore, PreconditionFailed
+from glide.volume.fetcher import Fetcher
+from glide.volume.flusher import Flusher, FlushStats
 
 log = logging.getLogger("glide.volume")
 

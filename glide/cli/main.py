@@ -137,7 +137,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def _run(what: str, fn: Callable[[], int]) -> int:
     """Maps the failures every command shares onto messages and exit codes."""
-    from glide.daemon import DataDirInUse
+    from glide.daemon.main import DataDirInUse
     from glide.store import StoreError, StoreUnsafe
 
     try:
@@ -157,7 +157,7 @@ def _run(what: str, fn: Callable[[], int]) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from glide.daemon import Daemon
+    from glide.daemon.main import Daemon
 
     try:
         cfg = config_from_args(args)
@@ -168,7 +168,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_drain(args: argparse.Namespace) -> int:
-    from glide.daemon import drain_volume
+    from glide.daemon.main import drain_volume
 
     try:
         cfg = _base_config(args)
@@ -190,7 +190,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from glide.gc import GcStopped, GraceTooShort, check_grace, collect_garbage
+    from glide.repo.gc import GcStopped, GraceTooShort, check_grace, collect_garbage
     from glide.store import from_config
 
     try:

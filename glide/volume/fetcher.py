@@ -13,7 +13,7 @@ Invariants:
   - misses on the same pack are fetched together (one index, coalesced
     ranges of at most 64 KiB), misses on different packs in parallel.
 
-The daemon runs one per volume (glide/served_volume.py).
+The daemon runs one per volume (glide/volume/served.py).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from collections import OrderedDict, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 from glide import _native
-from glide.manifest import Location, Manifest
-from glide.pack import CorruptBlock, FormatError, PackIndex, read_blocks, read_index
+from glide.repo.manifest import Location, Manifest
+from glide.repo.pack import CorruptBlock, FormatError, PackIndex, read_blocks, read_index
 from glide.store.base import ObjectStore, StoreError, StoreUnavailable
 
 log = logging.getLogger("glide.fetcher")

@@ -16,7 +16,7 @@ so a one-block flush writes one leaf, one inner node and the root. Beyond
 Keys (relative to the store's prefix):
     volumes/<volume>/root   the only mutable object (JSON, conditional PUT)
     nodes/<hex xxh3-128 of the node bytes>   leaves and inner nodes
-    packs/<hex xxh3-128 of the pack bytes>   see glide/pack.py
+    packs/<hex xxh3-128 of the pack bytes>   see glide/repo/pack.py
 Nodes live in one namespace shared by all volumes, like packs: a node's key
 is a pure function of its bytes, so a snapshot or clone of any volume is a
 copy of a root (O(1)), never a copy of its tree. (A per-volume node prefix
@@ -89,7 +89,7 @@ from typing import Any, Final, NamedTuple, TypeVar
 import xxhash
 import zstandard
 
-from glide.pack import (
+from glide.repo.pack import (
     BLOCK_SIZE,
     HEADER_SIZE,
     PACK_PREFIX,

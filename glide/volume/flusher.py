@@ -22,14 +22,14 @@ Invariants:
   - the commit deadline: no PUT of a commit (nodes, root) is sent once
     `commit_deadline` seconds have passed since the first upload of a pack
     it references began. GC keeps unreachable objects for more than twice
-    that (glide/gc.py), so it cannot have deleted a pack a commit names. A
+    that (glide/repo/gc.py), so it cannot have deleted a pack a commit names. A
     refused commit raises CommitDeadlineExceeded: nothing committed, the
     blocks stay DIRTY, the scheduler retries with fresh uploads. Changes a
     failed commit left applied to the manifest ride along with the next
     commit, so their age counts too (`_stale`), unless that commit
     re-applies every one of their blocks.
 
-The daemon runs it from glide/flush_scheduler.py through glide/served_volume.py.
+The daemon runs it from glide/volume/scheduler.py through glide/volume/served.py.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ from operator import itemgetter
 
 from glide import _native
 from glide.config import DEFAULT_COMMIT_DEADLINE
-from glide.manifest import Manifest, PackBlocks
-from glide.pack import AS_OF_CURRENT, FinishedPack, build_pack
+from glide.repo.manifest import Manifest, PackBlocks
+from glide.repo.pack import AS_OF_CURRENT, FinishedPack, build_pack
 from glide.store.base import Data, ForwardingStore, ObjectStore, StoreError
 
 log = logging.getLogger("glide.flusher")

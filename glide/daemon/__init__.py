@@ -1,0 +1,1 @@
+"""The daemon process: start/stop order, data-directory lock, offline drain."""

@@ -1,0 +1,1 @@
+"""How volumes reach clients: the NBD handshake (ublk attach lives in the C core)."""

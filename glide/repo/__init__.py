@@ -1,0 +1,1 @@
+"""What lives in the object store: packs, the manifest tree, reachability and GC."""
