@@ -15,6 +15,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from glide.errors import ConfigError
+
 BLOCK_SIZE = 4096
 DEFAULT_TCP = "127.0.0.1:10809"
 # A flush commits only packs it uploaded less than this long ago, and GC
@@ -24,10 +26,6 @@ VOLUME_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(i?B)?\s*$", re.IGNORECASE)
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-
-
-class ConfigError(ValueError):
-    """A configuration problem, with a message meant for the operator."""
 
 
 def parse_size(value: str | int, what: str) -> int:

@@ -136,22 +136,23 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def _run(what: str, fn: Callable[[], int]) -> int:
-    """Maps the failures every command shares onto messages and exit codes."""
-    from glide.daemon.main import DataDirInUse
-    from glide.store import StoreError, StoreUnsafe
+    """Maps every failure onto a message and an exit code through the one
+    error hierarchy (glide/errors.py)."""
+    from glide.errors import GlideError, UsageError
+    from glide.store import StoreError
 
     try:
         return fn()
-    except (DataDirInUse, StoreUnsafe) as e:
-        print(f"glidefs: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # a volume that disagrees with its config (size)
-        print(f"glidefs: {e}", file=sys.stderr)
-        return 2
     except StoreError as e:
         print(f"glidefs: {what}: object store error: {e}", file=sys.stderr)
-        return 1
-    except (OSError, RuntimeError) as e:
+        return e.exit_code
+    except UsageError as e:
+        print(f"glidefs: {e}", file=sys.stderr)
+        return e.exit_code
+    except GlideError as e:
+        print(f"glidefs: {what}: {e}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:
         print(f"glidefs: {what}: {e}", file=sys.stderr)
         return 1
 

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from glide import _native
 from glide.config import Config, VolumeConfig, parse_hostport
+from glide.errors import DataDirInUse, StartupError
 from glide.export.nbd import Export, negotiate_and_attach
 from glide.repo.manifest import Fenced
 from glide.store import ObjectStore, StoreError, from_config
@@ -44,10 +45,6 @@ from glide.volume.scheduler import FlushScheduler
 from glide.volume.served import ServedVolume, store_identity
 
 log = logging.getLogger("glide.daemon")
-
-
-class DataDirInUse(RuntimeError):
-    pass
 
 
 class DataDirLock:
@@ -106,7 +103,7 @@ class Daemon:
             return
         ok, reason = _native.ublk_probe()
         if not ok:
-            raise RuntimeError(f"ublk export requested but unavailable: {reason}")
+            raise StartupError(f"ublk export requested but unavailable: {reason}")
         _native.unshare_mounts()
         self.uses_ublk = True
 
@@ -171,11 +168,11 @@ class Daemon:
         p = Path(path)
         if p.exists() or p.is_symlink():
             if not stat.S_ISSOCK(p.lstat().st_mode):
-                raise RuntimeError(f"{path} exists and is not a socket; refusing to replace it")
+                raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 probe.connect(path)
-                raise RuntimeError(f"another server is listening on {path}")
+                raise StartupError(f"another server is listening on {path}")
             except (ConnectionRefusedError, FileNotFoundError):
                 p.unlink(missing_ok=True)
             finally:
@@ -197,7 +194,7 @@ class Daemon:
             s.bind((host, port))
         except OSError as e:
             s.close()
-            raise RuntimeError(f"cannot listen on {spec}: {e.strerror}") from e
+            raise StartupError(f"cannot listen on {spec}: {e.strerror}") from e
         s.listen(512)
         s.setblocking(False)
         return s

@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from glide.config import DEFAULT_COMMIT_DEADLINE
+from glide.errors import GlideError, UsageError
 from glide.repo.manifest import NODE_PREFIX, VOLUME_PREFIX, Root, reachable_keys
 from glide.repo.pack import PACK_PREFIX
 from glide.store.base import NotFound, ObjectStore, PreconditionFailed
@@ -73,11 +74,11 @@ def min_grace(commit_deadline: float) -> float:
     return 2 * commit_deadline
 
 
-class GraceTooShort(ValueError):
+class GraceTooShort(UsageError, ValueError):
     """GC would not be safe with this grace period and commit deadline."""
 
 
-class GcStopped(RuntimeError):
+class GcStopped(GlideError):
     """Deletions stopped because the roots read had grown too old; what was
     done so far is in `report`. Running GC again continues."""
 

@@ -89,6 +89,7 @@ from typing import Any, Final, NamedTuple, TypeVar
 import xxhash
 import zstandard
 
+from glide.errors import Conflict
 from glide.repo.pack import (
     BLOCK_SIZE,
     HEADER_SIZE,
@@ -162,7 +163,7 @@ R = TypeVar("R")
 # --- errors -------------------------------------------------------------------
 
 
-class Fenced(Exception):
+class Fenced(Conflict):
     """Another writer owns the volume now; this manifest must stop writing.
 
     Nothing was overwritten: the refused commit's nodes may be in the store
@@ -179,7 +180,7 @@ class NotOwner(RuntimeError):
     """A write on a manifest that was opened but never took ownership."""
 
 
-class VolumeExists(Exception):
+class VolumeExists(Conflict):
     """`Manifest.create` found a root already there."""
 
 

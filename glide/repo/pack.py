@@ -73,6 +73,8 @@ from typing import TYPE_CHECKING, Final, NamedTuple
 import xxhash
 import zstandard
 
+from glide.errors import CorruptData
+
 if TYPE_CHECKING:
     from glide import _native
     from glide.store.base import ObjectStore
@@ -115,7 +117,7 @@ ZERO_HASH: Final = xxhash.xxh3_128_digest(ZERO_BLOCK)
 _HEX_DIGITS: Final = frozenset("0123456789abcdef")
 
 
-class FormatError(Exception):
+class FormatError(CorruptData):
     """Bytes that do not decode as the glidefs format they claim to be:
     corrupt, truncated, of an unknown version, or violating an invariant."""
 

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Final, TypeAlias
 
+from glide.errors import GlideError
+
 # S3 limits a key (prefix included) to 1024 bytes of UTF-8.
 MAX_KEY_BYTES: Final = 1024
 # The local store turns each prefix component into a directory named
@@ -48,8 +50,11 @@ PROBE_PREFIX: Final = "_glide-probe/"
 Data: TypeAlias = bytes | bytearray | memoryview
 
 
-class StoreError(Exception):
+class StoreError(GlideError):
     """Base of every error an object store raises."""
+
+    http_status = 502
+    code = "store_error"
 
 
 class NotFound(StoreError):
@@ -74,6 +79,9 @@ class StoreUnavailable(StoreError):
 
 class StoreUnsafe(StoreError):
     """The store does not honour conditional PUT; glidefs must not run on it."""
+
+    exit_code = 2
+    code = "store_unsafe"
 
 
 class InvalidKey(StoreError, ValueError):

@@ -41,6 +41,7 @@ from pathlib import Path
 
 from glide import _native
 from glide.config import DEFAULT_COMMIT_DEADLINE, Config, VolumeConfig
+from glide.errors import Conflict
 from glide.repo.manifest import Manifest
 from glide.store.base import NotFound, ObjectStore, PreconditionFailed
 from glide.volume.fetcher import Fetcher
@@ -65,9 +66,11 @@ def cached_block_budget(cache_size: int) -> int:
     return max(1, blocks - max(16, blocks // 256))
 
 
-class VolumeConflict(RuntimeError):
+class VolumeConflict(Conflict):
     """The local cache and the store disagree in a way only an operator may
     settle; the message says what and how."""
+
+    exit_code = 2
 
 
 def store_identity(store: ObjectStore) -> str:
@@ -187,7 +190,10 @@ class ServedVolume:
     @staticmethod
     def _open_native(cfg: Config, vc: VolumeConfig, vdir: Path) -> _native.Volume:
         t0 = time.monotonic()
-        vol = _native.Volume(str(vdir), vc.size, cfg.wal_budget, cfg.wal_segment_size)
+        try:
+            vol = _native.Volume(str(vdir), vc.size, cfg.wal_budget, cfg.wal_segment_size)
+        except ValueError as e:  # the cache disagrees with the config (its size)
+            raise VolumeConflict(f"volume {vc.name}: {e}") from None
         st = vol.stats()
         log.info("opened volume=%s size=%d replayed_records=%d discarded_bytes=%d ms=%.1f",
                  vc.name, vc.size, st["replayed_records"], st["replay_discarded_bytes"],
