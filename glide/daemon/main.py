@@ -37,6 +37,7 @@ from pathlib import Path
 
 from glide import _native
 from glide.config import Config, VolumeConfig, parse_hostport
+from glide.daemon.sdnotify import SystemdNotifier
 from glide.errors import DataDirInUse, StartupError
 from glide.export.nbd import Export, negotiate_and_attach
 from glide.repo.manifest import Fenced
@@ -92,6 +93,7 @@ class Daemon:
         self.handshakes: dict[asyncio.Task, None] = {}
         self.uses_ublk = False
         self.ublk_devices: dict[str, int] = {}
+        self.notifier = SystemdNotifier()
 
     # ---- start-up ----
 
@@ -148,7 +150,8 @@ class Daemon:
         store_id = store_identity(self.store)
         vdir = self.cfg.data_dir / "volumes"
         vdir.mkdir(parents=True, exist_ok=True)
-        for vc in self.cfg.volumes:
+        for i, vc in enumerate(self.cfg.volumes):
+            self.notifier.status(f"opening volume {vc.name} ({i + 1}/{len(self.cfg.volumes)})")
             sv = ServedVolume.open(self.cfg, vc, self.store, store_id)
             self.volumes[vc.name] = sv
             if vc.ublk:
@@ -246,6 +249,7 @@ class Daemon:
         self.raise_fd_limit()
         self.cfg.data_dir.mkdir(parents=True, exist_ok=True)
         self.lock.acquire()
+        self.notifier.status("starting: checking the object store")
         try:
             self.prepare_ublk()
             self.open_volumes()
@@ -273,6 +277,7 @@ class Daemon:
 
         await self.stop_event.wait()
         log.info("shutting down")
+        self.notifier.send(STOPPING=1, STATUS="stopping: draining connections")
         for t in accept_tasks:
             t.cancel()
         for s in self.listen_socks:
@@ -282,8 +287,12 @@ class Daemon:
         for t in list(self.handshakes):
             t.cancel()
         await asyncio.gather(*accept_tasks, *self.handshakes, return_exceptions=True)
-        await asyncio.to_thread(self._drain)
-        log.info("stopped cleanly")
+        unsynced = await asyncio.to_thread(self._drain)
+        if unsynced:
+            log.error("stopped; %d volume(s) keep unsynced blocks in their WAL for the next "
+                      "start: %s", len(unsynced), " ".join(unsynced))
+        else:
+            log.info("stopped cleanly: every volume synced to the store (%d)", len(self.volumes))
         return 0
 
     def _announce(self, unix_path: str) -> None:
@@ -299,14 +308,9 @@ class Daemon:
             host, port = parse_hostport(self.cfg.nbd_tcp, "nbd.tcp")
             print(f"glidefs:   qemu-io -f raw nbd://{host}:{port}/{name}")
         print(f"glidefs: ready (pid {os.getpid()})", flush=True)
-        notify = os.environ.get("NOTIFY_SOCKET")
-        if notify:
-            addr = "\0" + notify[1:] if notify.startswith("@") else notify
-            with (
-                contextlib.suppress(OSError),
-                socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s,
-            ):
-                s.sendto(f"READY=1\nMAINPID={os.getpid()}".encode(), addr)
+        # READY only now: every volume is bound and every listener is up.
+        self.notifier.send(READY=1, MAINPID=os.getpid(),
+                           STATUS=f"serving {len(self.volumes)} volume(s)")
 
     def _request_stop(self, sig: int) -> None:
         log.info("received %s", signal.Signals(sig).name)
@@ -316,8 +320,9 @@ class Daemon:
     def _sighup(self) -> None:
         log.warning("SIGHUP received: the zero-downtime handoff is not in this build; ignoring")
 
-    def _drain(self) -> None:
-        """Answer what is in flight, then flush every volume to the store.
+    def _drain(self) -> list[str]:
+        """Answer what is in flight, then flush every volume to the store;
+        returns the names of the volumes whose WAL still holds unsynced blocks.
 
         ublk devices are left QUIESCED for the next daemon unless the operator
         asked to release them: a guest's I/O then waits instead of failing."""
@@ -332,21 +337,25 @@ class Daemon:
         for sv in self.volumes.values():
             sv.vol.shutdown_connections(5000)
         self._stop_scheduler()
+        unsynced = []
         for name, sv in self.volumes.items():
+            self.notifier.status(f"stopping: syncing volume {name} to the store")
             if sv.fenced:
                 log.error("volume=%s is fenced; %d unflushed blocks stay in its WAL", name,
                           sv.dirty_blocks())
+                unsynced.append(name)
                 continue
             try:
                 st = sv.flush()  # syncs the WAL through its cut itself
-                if st is not None:
-                    log.info("final flush volume=%s blocks=%d manifest_version=%d", name,
-                             st.blocks, sv.manifest.version)
+                log.info("final flush volume=%s blocks=%d manifest_version=%d", name,
+                         0 if st is None else st.blocks, sv.manifest.version)
             except (StoreError, OSError, Fenced) as e:
                 # Never a bare local checkpoint (glide/volume/served.py): the
                 # WAL keeps everything and the next start flushes it.
                 log.error("final flush failed volume=%s error=%s; %d blocks stay in the WAL "
                           "for the next start", name, e, sv.dirty_blocks())
+                unsynced.append(name)
+        return unsynced
 
     def _stop_scheduler(self) -> None:
         if self.scheduler is not None:
