@@ -13,6 +13,10 @@ A volume whose commit is refused because another writer took it over
 (`Fenced`) is never flushed again by this daemon: it says why, once, leaves
 the store to the new owner and refuses further writes (nothing would ever
 drain them, so they would otherwise wait on the WAL budget forever).
+
+Volumes join and leave while it runs (the admin API creates and deletes
+them): the thread owns its own table and changes it only between flushes,
+so `remove` returning means no flush of that volume is running or will run.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import select
 import threading
 import time
@@ -41,22 +46,69 @@ BACKOFF_MAX_UNDER_PRESSURE = 2.0
 class FlushScheduler(threading.Thread):
     def __init__(self, volumes: dict[str, ServedVolume], interval: float) -> None:
         super().__init__(name="flush-scheduler", daemon=True)
-        self.volumes = volumes
+        self.volumes = dict(volumes)  # this thread's own table (see the module doc)
         self.interval = interval
-        self.stop_r, self.stop_w = os.pipe()
+        self.wake_r, self.wake_w = os.pipe()
+        self.commands: queue.SimpleQueue[tuple[str, str, ServedVolume | None,
+                                               threading.Event]] = queue.SimpleQueue()
         self.failures: dict[str, int] = {}
         self.retry_at: dict[str, float] = {}
+        self._stopping = False
 
     def stop(self) -> None:
-        os.write(self.stop_w, b"x")
+        self._stopping = True
+        os.write(self.wake_w, b"x")
         self.join()
-        os.close(self.stop_r)
-        os.close(self.stop_w)
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+
+    def add(self, name: str, sv: ServedVolume) -> None:
+        """Start scheduling a newly opened volume."""
+        self._command("add", name, sv)
+
+    def remove(self, name: str) -> None:
+        """Stop scheduling a volume; returns once no flush of it is running."""
+        self._command("remove", name, None)
+
+    def _command(self, what: str, name: str, sv: ServedVolume | None) -> None:
+        done = threading.Event()
+        self.commands.put((what, name, sv, done))
+        if self.is_alive():
+            with contextlib.suppress(OSError):
+                os.write(self.wake_w, b"c")
+        while not done.wait(0.2):
+            if not self.is_alive():  # not started, or stopped: nobody else will apply it
+                self._apply_commands(None, {}, {})
+
+    def _apply_commands(self, poller: select.poll | None, by_fd: dict[int, str],
+                        last: dict[str, float]) -> None:
+        while True:
+            try:
+                what, name, sv, done = self.commands.get_nowait()
+            except queue.Empty:
+                return
+            if what == "add" and sv is not None:
+                self.volumes[name] = sv
+                fd = sv.vol.pressure_fd()
+                by_fd[fd] = name
+                if poller is not None:
+                    poller.register(fd, select.POLLIN)
+                last[name] = time.monotonic()
+            elif what == "remove":
+                self.volumes.pop(name, None)
+                for fd in [fd for fd, n in by_fd.items() if n == name]:
+                    del by_fd[fd]
+                    if poller is not None:
+                        poller.unregister(fd)
+                last.pop(name, None)
+                self.failures.pop(name, None)
+                self.retry_at.pop(name, None)
+            done.set()
 
     def run(self) -> None:
         poller = select.poll()
-        poller.register(self.stop_r, select.POLLIN)
-        by_fd = {}
+        poller.register(self.wake_r, select.POLLIN)
+        by_fd: dict[int, str] = {}
         for name, sv in self.volumes.items():
             fd = sv.vol.pressure_fd()
             by_fd[fd] = name
@@ -64,13 +116,27 @@ class FlushScheduler(threading.Thread):
         last = {name: time.monotonic() for name in self.volumes}
         urgent: set[str] = set()
         tick = min(self.interval / 2, 1.0)
+        try:
+            self._loop(poller, by_fd, last, urgent, tick)
+        finally:
+            self._apply_commands(None, by_fd, last)  # nobody waits forever on a stopped thread
+
+    def _loop(self, poller: select.poll, by_fd: dict[int, str], last: dict[str, float],
+              urgent: set[str], tick: float) -> None:
         while True:
             for fd, _ in poller.poll(tick * 1000):
-                if fd == self.stop_r:
-                    return
+                if fd == self.wake_r:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(fd, 64)
+                    continue
                 with contextlib.suppress(BlockingIOError):
                     os.read(fd, 8)
-                urgent.add(by_fd[fd])
+                if fd in by_fd:
+                    urgent.add(by_fd[fd])
+            if self._stopping:
+                return
+            self._apply_commands(poller, by_fd, last)
+            urgent &= set(self.volumes)
             now = time.monotonic()
             for name, sv in self.volumes.items():
                 if sv.fenced or now < self.retry_at.get(name, 0.0):

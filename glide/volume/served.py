@@ -46,6 +46,7 @@ from glide.repo.manifest import Manifest
 from glide.store.base import NotFound, ObjectStore, PreconditionFailed
 from glide.volume.fetcher import Fetcher
 from glide.volume.flusher import Flusher, FlushStats
+from glide.volume.sync_stats import SyncStats
 
 log = logging.getLogger("glide.volume")
 
@@ -145,6 +146,8 @@ class ServedVolume:
         self.fenced: str | None = None  # why this daemon may no longer write the volume
         self.needs_adopt = False  # blocks from before the volume had a store
         self.flush_lock = threading.Lock()  # one flush at a time (scheduler, drain, stop)
+        self.sync_stats = SyncStats()
+        self.sync_stats.committed_now()  # open took ownership: a commit
 
     # ---- opening ----
 
@@ -272,13 +275,22 @@ class ServedVolume:
         store). Raises what the flusher raises; Fenced is for the caller to
         record. Never runs two at once."""
         with self.flush_lock:
-            if self.needs_adopt:
-                st = self.flusher.adopt_local()
-                self.needs_adopt = False
-                if st is not None:
-                    log.info("volume=%s: uploaded %d blocks that predate the store",
-                             self.name, st.stored)
-            return self.flusher.flush_once()
+            t0 = time.monotonic()
+            try:
+                if self.needs_adopt:
+                    st = self.flusher.adopt_local()
+                    self.needs_adopt = False
+                    if st is not None:
+                        log.info("volume=%s: uploaded %d blocks that predate the store",
+                                 self.name, st.stored)
+                st = self.flusher.flush_once()
+            except BaseException as e:
+                self.sync_stats.record(time.monotonic() - t0, ok=False, error=str(e))
+                raise
+            self.sync_stats.record(time.monotonic() - t0, ok=True,
+                                   nbytes=0 if st is None else st.blocks * BLOCK,
+                                   committed=st is not None)
+            return st
 
     def fence(self, why: str) -> None:
         """Another writer owns the volume in the store. Writes acknowledged so
