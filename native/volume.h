@@ -18,7 +18,7 @@
  * evict_rw exclusively (every read holds it shared from planning to the end
  * of its pread, so no read that planned "cache file" is still reading), makes
  * a state file saying ABSENT durable, and only then punches, under ckpt_mu
- * and idx_mu, the blocks still ABSENT (see evict_commit in volume.c).
+ * and idx_mu, the blocks still ABSENT (see evict_commit in evict.c).
  *
  * Read misses: a read that needs an ABSENT+REMOTE block registers a waiter
  * (under idx_mu, so an install cannot slip between the check and the
