@@ -1,5 +1,8 @@
 """Short libFuzzer runs (ASan + UBSan) over the C parsers, seeded with valid input.
 
+Targets: the NBD request parser, the WAL record codec, WAL replay, and the
+state file codec.
+
 The seeds are real encodings made by the extension itself, so the fuzzers
 start from the formats and mutate outward. GLIDE_FUZZ_SECONDS sets the time
 per target (default 10); a crash, leak-free abort or sanitizer report fails.
@@ -11,6 +14,7 @@ import os
 import shutil
 import struct
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -42,6 +46,25 @@ def wal_seeds() -> list[bytes]:
     return [r1, r1 + r2, r1 + r2 + r3, r2 + r3, r1[:100]]
 
 
+def state_seeds() -> list[bytes]:
+    """State files written by real volumes: fresh, then with every base state
+    and the REMOTE bit in several runs, then after an eviction."""
+    seeds = []
+    bs = _native.BLOCK_SIZE
+    with tempfile.TemporaryDirectory() as d:
+        v = _native.Volume(d + "/v", 64 * bs)
+        seeds.append((Path(d) / "v" / "state").read_bytes())
+        v.write(0, os.urandom(8 * bs))
+        v.write_zeroes(10 * bs, 4 * bs, no_hole=True)
+        v.set_remote(4, 20)
+        v.checkpoint()
+        seeds.append((Path(d) / "v" / "state").read_bytes())
+        v.evict(0, 6)
+        seeds.append((Path(d) / "v" / "state").read_bytes())
+        v.close()
+    return seeds
+
+
 def nbd_seeds() -> list[bytes]:
     return [
         b"\x07" + nbd_req(0, 0, 4096) + nbd_req(3, 0, 0),
@@ -56,6 +79,7 @@ def nbd_seeds() -> list[bytes]:
         ("fuzz_nbd_request", nbd_seeds),
         ("fuzz_wal_record", wal_seeds),
         ("fuzz_wal_replay", wal_seeds),
+        ("fuzz_state_file", state_seeds),
     ],
 )
 def test_fuzz_target(fuzzers: Path, tmp_path: Path, target: str, seeds) -> None:
