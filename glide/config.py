@@ -71,6 +71,7 @@ class VolumeConfig:
     size: int
     ublk: bool = False  # also export as /dev/ublkbN
     ublk_id: int | None = None  # None: the id the kernel gave last time (kept in the volume dir)
+    implicit: bool = False  # the embedded default, served only when nothing names a volume
 
 
 @dataclass
@@ -119,6 +120,16 @@ def parse_store_url(url: str, store: StoreConfig) -> None:
 
 
 @dataclass
+class ApiConfig:
+    """The admin API: always on <data_dir>/admin.sock (0600); on TCP only when
+    `listen` is set, and then only with a bearer token read from `token_file`."""
+
+    listen: str | None = None  # HOST:PORT
+    token_file: Path | None = None
+    max_body: int = 64 << 10
+
+
+@dataclass
 class Config:
     data_dir: Path = field(default_factory=default_data_dir)
     nbd_unix: str | None = None  # None: <data_dir>/nbd.sock
@@ -134,9 +145,14 @@ class Config:
     handshake_timeout: float = 10.0
     max_handshakes: int = 1024
     config_path: Path | None = None
+    api: ApiConfig = field(default_factory=ApiConfig)
+    log_format: str = "text"  # text (logfmt) or json
 
     def unix_socket_path(self) -> str:
         return self.nbd_unix or str(self.data_dir / "nbd.sock")
+
+    def admin_socket_path(self) -> str:
+        return str(self.data_dir / "admin.sock")
 
 
 def parse_volume_spec(spec: str) -> VolumeConfig:
@@ -161,7 +177,7 @@ def load_file(path: Path) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path}: {e}") from e
     cfg = Config(config_path=path)
-    known = {"data_dir", "nbd", "cache", "volume", "ublk", "store"}
+    known = {"data_dir", "nbd", "cache", "volume", "ublk", "store", "api", "log"}
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"config file {path}: unknown keys {sorted(unknown)}")
@@ -187,6 +203,17 @@ def load_file(path: Path) -> Config:
     if unknown:
         raise ConfigError(f"config file {path}: unknown keys in [cache]: {sorted(unknown)}")
     cfg.store = load_store(raw.get("store", {}), path)
+    api = raw.get("api", {})
+    unknown = set(api) - {"listen", "token_file"}
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown keys in [api]: {sorted(unknown)}")
+    cfg.api.listen = api.get("listen") or None
+    cfg.api.token_file = Path(api["token_file"]) if api.get("token_file") else None
+    log_section = raw.get("log", {})
+    unknown = set(log_section) - {"format"}
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown keys in [log]: {sorted(unknown)}")
+    cfg.log_format = str(log_section.get("format", "text"))
     ublk = raw.get("ublk", {})
     cfg.ublk = UblkConfig(
         queues=int(ublk.get("queues", 1)),
@@ -244,7 +271,7 @@ def load_store(raw: dict, path: Path) -> StoreConfig:
 
 def ensure_default_volume(cfg: Config) -> None:
     if not cfg.volumes:
-        cfg.volumes.append(VolumeConfig("default", 1 << 30))
+        cfg.volumes.append(VolumeConfig("default", 1 << 30, implicit=True))
 
 
 def validate(cfg: Config) -> None:
@@ -289,3 +316,16 @@ def validate(cfg: Config) -> None:
     sock = cfg.unix_socket_path()
     if len(sock.encode()) >= 108:
         raise ConfigError(f"NBD unix socket path is too long for AF_UNIX (max 107 bytes): {sock}")
+    admin = cfg.admin_socket_path()
+    if len(admin.encode()) >= 108:
+        raise ConfigError(f"admin socket path {admin} is too long for AF_UNIX (max 107 "
+                          "bytes); choose a shorter data directory")
+    if cfg.log_format not in ("text", "json"):
+        raise ConfigError(f"log format must be text or json, got {cfg.log_format!r}")
+    if cfg.api.listen:
+        parse_hostport(cfg.api.listen, "api.listen")
+        if cfg.api.token_file is None:
+            raise ConfigError(
+                f"api.listen = {cfg.api.listen!r} needs api.token_file: the admin API is "
+                "never served on TCP without a bearer token (the Unix socket "
+                f"{admin} needs none)")

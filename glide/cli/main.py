@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from glide import __version__
+from glide.cli import volume_cmd
 from glide.config import (
     Config,
     ConfigError,
@@ -25,6 +26,7 @@ from glide.config import (
     parse_volume_spec,
     validate,
 )
+from glide.errors import GlideError
 
 log = logging.getLogger("glide.cli")
 
@@ -44,6 +46,8 @@ def _common(p: argparse.ArgumentParser) -> None:
              "commit_deadline)",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", choices=["text", "json"],
+                   help="logfmt lines (text, the default) or one JSON object per line")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,9 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--wal-segment-size", help="WAL segment size (default 64MiB)")
     s.add_argument("--flush-interval", help="flush dirty volumes to the store this often (5s)")
     s.add_argument("--cache-size", help="cache-file bytes per volume before eviction (no limit)")
+    s.add_argument("--api-listen", metavar="HOST:PORT",
+                   help="also serve the admin API on TCP (needs --api-token-file)")
+    s.add_argument("--api-token-file", type=Path,
+                   help="file holding the bearer token the TCP admin listener requires")
 
     vol = sub.add_parser("volume", help="volume operations").add_subparsers(
         dest="volume_command", required=True)
+    volume_cmd.add_parsers(sub, vol)
     d = vol.add_parser("drain", help="flush everything a volume's cache holds to the store "
                        "(offline: the daemon must be stopped)")
     _common(d)
@@ -130,6 +139,12 @@ def config_from_args(args: argparse.Namespace) -> Config:
         cfg.flush_interval = parse_duration(args.flush_interval, "--flush-interval")
     if args.cache_size:
         cfg.cache_size = parse_size(args.cache_size, "--cache-size") or None
+    if args.api_listen:
+        cfg.api.listen = None if args.api_listen == "none" else args.api_listen
+    if args.api_token_file:
+        cfg.api.token_file = args.api_token_file
+    if args.log_format:
+        cfg.log_format = args.log_format
     cfg.data_dir = cfg.data_dir.absolute()
     validate(cfg)
     return cfg
@@ -169,7 +184,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_drain(args: argparse.Namespace) -> int:
-    from glide.daemon.main import drain_volume
+    from glide.daemon.drain import drain_volume
 
     try:
         cfg = _base_config(args)
@@ -224,11 +239,30 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return _run("gc", gc)
 
 
+def _log_format(args: argparse.Namespace) -> str:
+    """--log-format, else the config file's [log] format, else text."""
+    if getattr(args, "log_format", None):
+        return args.log_format
+    path = getattr(args, "config", None)
+    if path is not None:
+        try:
+            return load_file(path).log_format
+        except ConfigError:
+            return "text"  # the command reports the config error itself
+    return "text"
+
+
 def main(argv: list[str] | None = None) -> int:
     from glide import logs
 
     args = build_parser().parse_args(argv)
-    logs.setup(args.log_level)
+    logs.setup(getattr(args, "log_level", "info"), _log_format(args))
+    if hasattr(args, "func"):  # a client of the running daemon
+        try:
+            return args.func(args)
+        except GlideError as e:
+            print(f"glidefs: {e}", file=sys.stderr)
+            return e.exit_code
     if args.command == "serve":
         return cmd_serve(args)
     if args.command == "volume" and args.volume_command == "drain":

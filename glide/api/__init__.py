@@ -1,0 +1,1 @@
+"""The admin HTTP API (FastAPI on embedded uvicorn) and the metrics collector."""

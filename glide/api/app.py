@@ -1,0 +1,384 @@
+"""The admin HTTP API: routes, request and response models, error mapping.
+
+FastAPI generates the OpenAPI 3 document from this module; the copy checked
+in as glide/api/openapi.json must match it (tests/unit/test_api_schema.py,
+regenerate with `python -m glide.api.app > glide/api/openapi.json`).
+
+Keeps:
+  - every error is JSON `{"error": CODE, "message": TEXT}` with the status
+    of its GlideError class (glide/errors.py), the same mapping the CLI uses
+    for exit codes; validation errors are 422 with the reason;
+  - request bodies are bounded (413 past the limit, counted as bytes arrive,
+    so a chunked body cannot get around it) and unknown fields are refused;
+  - no handler blocks the event loop: all native and store work goes through
+    the control facade, which runs it on worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from glide import __version__
+from glide.errors import GlideError, NotBuilt
+
+log = logging.getLogger("glide.api")
+
+Scrape = Callable[[], Awaitable[tuple[bytes, str]]]
+
+
+# ---- models ----
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="stable error code, e.g. not_found, conflict, invalid")
+    message: str = Field(description="what happened and what to do, for a person")
+
+
+class Health(BaseModel):
+    status: str
+    pid: int
+
+
+class Ready(BaseModel):
+    ready: bool
+    detail: str
+
+
+class VolumeCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="1-64 letters, digits, '.', '_' or '-'", examples=["vm1"])
+    size: int = Field(description="bytes; a positive multiple of 4096", examples=[21474836480])
+
+
+class VolumeResize(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    size: int = Field(description="new size in bytes: a multiple of 4096, not smaller than now")
+
+
+class Exports(BaseModel):
+    nbd_name: str
+    nbd_unix: str
+    nbd_tcp: str | None = None
+    ublk_device: str | None = None
+
+
+class VolumeInfo(BaseModel):
+    name: str
+    size: int
+    origin: str = Field(description="config: named in the config file; api: created through "
+                                    "the API (see the README's rule for when they disagree)")
+    exports: Exports
+    connections: int
+    wal_bytes: int
+    wal_budget_bytes: int
+    dirty_bytes: int
+    cache_bytes: int
+    read_only: bool
+    fenced: str | None
+    last_committed_version: int
+    last_commit_age_seconds: float | None
+    syncs_ok: int
+    syncs_failed: int
+    last_sync_error: str | None
+
+
+class VolumeSummary(BaseModel):
+    name: str
+    size: int
+    origin: str
+    connections: int
+    dirty_bytes: int
+    cache_bytes: int
+    last_committed_version: int
+    last_commit_age_seconds: float | None
+    read_only: bool
+    ublk_device: str | None
+
+
+class VolumeList(BaseModel):
+    volumes: list[VolumeSummary]
+
+
+class HandoffState(BaseModel):
+    state: str
+
+
+class Status(BaseModel):
+    version: str
+    pid: int
+    uptime_seconds: float
+    phase: str
+    ready: bool
+    detail: str
+    data_dir: str
+    store: str
+    handoff: HandoffState
+    volumes: list[VolumeSummary]
+
+
+class SyncResult(BaseModel):
+    name: str
+    version: int = Field(description="the manifest version committed (or current, if "
+                                     "nothing was dirty)")
+    blocks: int
+    stored_blocks: int
+    pack_bytes: int
+    seconds: float
+
+
+class DeleteResult(BaseModel):
+    name: str
+    deleted: bool
+    purged: bool
+    last_committed_version: int
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (400, 404, 409, 413, 422, 500, 502, 503)
+}
+
+
+# ---- the app ----
+
+
+def build_app(control: Any, scrape: Scrape) -> FastAPI:  # noqa: ANN401
+    """The API over a control facade (glide/control.py) and a metrics scrape."""
+    app = FastAPI(
+        title="glidefs admin API",
+        version=__version__,
+        description="Control channel of the glidefs daemon: volumes, sync, status, metrics, "
+                    "handoff. Errors are {\"error\": CODE, \"message\": TEXT}.",
+        responses=ERRORS,
+    )
+
+    @app.exception_handler(GlideError)
+    async def glide_error(request: Request, exc: GlideError) -> JSONResponse:
+        return JSONResponse({"error": exc.code, "message": str(exc)},
+                            status_code=exc.http_status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+            parts.append(f"{where or 'body'}: {err.get('msg')}")
+        return JSONResponse({"error": "invalid", "message": "; ".join(parts)},
+                            status_code=422)
+
+    @app.get("/v1/health", response_model=Health, tags=["daemon"])
+    async def health() -> dict[str, Any]:
+        """Liveness: the process is alive and its event loop answers."""
+        import os
+        return {"status": "ok", "pid": os.getpid()}
+
+    @app.get("/v1/ready", response_model=Ready, tags=["daemon"],
+             responses={503: {"model": Ready}})
+    async def ready() -> Any:  # noqa: ANN401
+        """Readiness: every volume bound and every listener up; 503 with the reason."""
+        ok, detail = control.ready()
+        body = {"ready": ok, "detail": detail}
+        return body if ok else JSONResponse(body, status_code=503)
+
+    @app.get("/v1/status", response_model=Status, tags=["daemon"])
+    async def status() -> dict[str, Any]:
+        """Version, pid, uptime, data dir, store, handoff state, one summary per volume."""
+        return await asyncio.to_thread(control.status)
+
+    @app.get("/v1/volumes", response_model=VolumeList, tags=["volumes"])
+    async def list_volumes() -> dict[str, Any]:
+        st = await asyncio.to_thread(control.status)
+        return {"volumes": st["volumes"]}
+
+    @app.post("/v1/volumes", response_model=VolumeInfo, status_code=201, tags=["volumes"])
+    async def create_volume(body: VolumeCreate) -> dict[str, Any]:
+        """Create a volume; it is persisted, so a restart (and a successor) serves it."""
+        return await control.create_volume(body.name, body.size)
+
+    @app.get("/v1/volumes/{name}", response_model=VolumeInfo, tags=["volumes"])
+    async def get_volume(name: str) -> dict[str, Any]:
+        return await asyncio.to_thread(control.volume_info, name)
+
+    @app.patch("/v1/volumes/{name}", response_model=VolumeInfo, tags=["volumes"])
+    async def resize_volume(name: str, body: VolumeResize) -> dict[str, Any]:
+        """Grow a volume. NBD clients see the new size on their next connection."""
+        return await control.grow_volume(name, body.size)
+
+    @app.delete("/v1/volumes/{name}", response_model=DeleteResult, tags=["volumes"])
+    async def delete_volume(
+        name: str,
+        force: Annotated[bool, Query(description="disconnect connected clients")] = False,
+        purge: Annotated[bool, Query(description="also remove its root from the store, so "
+                                                 "GC reclaims its packs")] = False,
+    ) -> dict[str, Any]:
+        """Stop serving a volume and remove it. Without purge, everything is synced to the
+        store first and the store keeps it."""
+        return await control.delete_volume(name, force=force, purge=purge)
+
+    @app.post("/v1/volumes/{name}/sync", response_model=SyncResult, tags=["volumes"])
+    async def sync_volume(name: str) -> dict[str, Any]:
+        """Upload everything acknowledged so far and commit; answers with the version."""
+        return await control.sync_volume(name)
+
+    @app.post("/admin/handoff", tags=["handoff"], status_code=501,
+              responses={501: {"model": ErrorBody}})
+    async def start_handoff(
+        dry_run: Annotated[bool, Query(description="warm a successor, then abort it")] = False,
+    ) -> None:
+        """Start a zero-downtime handoff to a new daemon (not in this build)."""
+        raise NotBuilt("the zero-downtime handoff is not in this build")
+
+    @app.get("/v1/handoff", tags=["handoff"], status_code=501,
+             responses={501: {"model": ErrorBody}})
+    async def get_handoff() -> None:
+        """The running or last handoff (not in this build)."""
+        raise NotBuilt("the zero-downtime handoff is not in this build")
+
+    @app.get("/metrics", tags=["daemon"], response_class=Response,
+             responses={200: {"content": {"text/plain": {}}}})
+    async def metrics() -> Response:
+        """Prometheus text format."""
+        body, ctype = await scrape()
+        return Response(body, media_type=ctype)
+
+    return app
+
+
+# ---- ASGI wrappers, outermost first ----
+
+
+class BodyLimit:
+    """413 for a body over `limit` bytes: by Content-Length up front, and by
+    counting as chunks arrive (a chunked body has no length)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for k, v in scope.get("headers", ()):
+            if k == b"content-length" and v.isdigit() and int(v) > self.limit:
+                await _send_error(send, 413, "too_large",
+                                  f"request body over {self.limit} bytes")
+                return
+        seen = 0
+        started = False
+
+        async def limited() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge
+            return msg
+
+        async def tracking_send(msg: Message) -> None:
+            nonlocal started
+            if msg["type"] == "http.response.start":
+                started = True
+            await send(msg)
+
+        try:
+            await self.app(scope, limited, tracking_send)
+        except _TooLarge:
+            if not started:
+                await _send_error(send, 413, "too_large", f"request body over {self.limit} bytes")
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BearerAuth:
+    """The TCP listener's guard: `Authorization: Bearer <token>`, compared in
+    constant time. The Unix socket is guarded by its file mode instead."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.token = token.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            given = b""
+            for k, v in scope.get("headers", ()):
+                if k == b"authorization" and v[:7].lower() == b"bearer ":
+                    given = v[7:].strip()
+            if not hmac.compare_digest(given, self.token):
+                await _send_error(send, 401, "unauthorized",
+                                  "a bearer token is required on the TCP listener",
+                                  [(b"www-authenticate", b"Bearer")])
+                return
+        await self.app(scope, receive, send)
+
+
+class AccessLog:
+    """One log line per request with an id, method, path, status and time."""
+
+    def __init__(self, app: ASGIApp, listener: str) -> None:
+        self.app = app
+        self.listener = listener
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = uuid.uuid4().hex[:12]
+        t0 = time.monotonic()
+        status = 500
+
+        async def send_status(msg: Message) -> None:
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            path = scope.get("path", "")
+            level = logging.DEBUG if path in ("/metrics", "/v1/health", "/v1/ready") \
+                else logging.INFO
+            log.log(level, "api request_id=%s method=%s path=%s status=%d ms=%.1f via=%s",
+                    rid, scope.get("method"), path, status, (time.monotonic() - t0) * 1000,
+                    self.listener, extra={"request_id": rid, "method": scope.get("method"),
+                                          "path": path, "status": status})
+
+
+async def _send_error(send: Send, status: int, code: str, message: str,
+                      headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    body = json.dumps({"error": code, "message": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()), *(headers or [])]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI document, built without a daemon."""
+
+    async def no_scrape() -> tuple[bytes, str]:
+        return b"", "text/plain"
+
+    return build_app(None, no_scrape).openapi()
+
+
+if __name__ == "__main__":
+    json.dump(openapi_document(), sys.stdout, indent=1, sort_keys=True)
+    sys.stdout.write("\n")

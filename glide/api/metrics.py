@@ -1,0 +1,188 @@
+"""Prometheus metrics: a collector that reads the daemon's counters at scrape time.
+
+The I/O path counts in C (`Volume.metrics()`: requests, bytes, errors and a
+latency histogram per op, in-flight requests, cache hits and misses); the
+store cycle and the store client count in Python where they already run
+(glide/volume/sync_stats.py, glide/store/metered.py). Nothing here runs per
+guest request: a scrape walks the volumes once and turns counters into
+metric families. Names and labels are the contract in operator.md.
+
+Keeps: histograms are exposed cumulative with `+Inf` equal to the count,
+as the text format requires; a volume that disappears between listing and
+reading is skipped, never an error for the whole scrape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from glide import _native
+from glide.store.metered import STORE_BUCKETS, MeteredStore
+from glide.volume.sync_stats import SYNC_BUCKETS
+
+IO_OPS = ("read", "write", "flush", "trim", "write_zeroes")
+BLOCK = 4096
+
+
+def _cumulative(bounds: Sequence[float], counts: Sequence[int]) -> list[tuple[str, float]]:
+    out, total = [], 0
+    for bound, n in zip(bounds, counts, strict=False):
+        total += n
+        out.append((repr(float(bound)), total))
+    total += sum(counts[len(bounds):])
+    out.append(("+Inf", total))
+    return out
+
+
+def _fallback_io(stats: dict[str, int]) -> dict[str, Any]:
+    """Counters from stats() for an extension without metrics() (no latency)."""
+    empty = (0,) * 13
+    count = {"read": ("reads", "read_bytes"), "write": ("writes", "write_bytes"),
+             "flush": ("flushes", None), "trim": ("trims", None),
+             "write_zeroes": ("zeroes", None)}
+    ops = {}
+    for op, (req, nbytes) in count.items():
+        ops[op] = {"requests": stats.get(req, 0), "bytes": stats.get(nbytes, 0) if nbytes else 0,
+                   "errors": 0, "buckets": empty, "sum_ns": 0}
+    return {"ops": ops, "inflight": 0, "cache_hits": 0, "cache_misses": stats.get("misses", 0),
+            "cache_evicted_bytes": stats.get("evictions", 0) * BLOCK}
+
+
+class DaemonCollector:
+    """Reads a control facade's volumes and store at scrape time."""
+
+    def __init__(self, control: Any) -> None:  # noqa: ANN401
+        self.control = control
+        self.bounds: tuple[float, ...] = getattr(_native, "LATENCY_BUCKETS", ())
+
+    def describe(self) -> list[Metric]:
+        return []  # unchecked collector: families are built per scrape
+
+    def collect(self) -> Iterator[Metric]:
+        c = self.control
+        io_req = CounterMetricFamily("glidefs_io_requests", "I/O requests served",
+                                     labels=["volume", "op"])
+        io_bytes = CounterMetricFamily("glidefs_io_bytes", "bytes read or written by guests",
+                                       labels=["volume", "op"])
+        io_err = CounterMetricFamily("glidefs_io_errors", "I/O requests answered with an error",
+                                     labels=["volume", "op"])
+        io_lat = HistogramMetricFamily("glidefs_io_request_duration_seconds",
+                                       "time from request to reply", labels=["volume", "op"])
+        inflight = GaugeMetricFamily("glidefs_io_inflight_requests", "requests in progress",
+                                     labels=["volume"])
+        wal = GaugeMetricFamily("glidefs_wal_bytes", "WAL bytes not yet retired",
+                                labels=["volume"])
+        budget = GaugeMetricFamily("glidefs_wal_budget_bytes",
+                                   "WAL bytes before writers wait", labels=["volume"])
+        dirty = GaugeMetricFamily("glidefs_dirty_bytes", "acknowledged bytes not yet in the "
+                                  "store", labels=["volume"])
+        size = GaugeMetricFamily("glidefs_volume_size_bytes", "volume size", labels=["volume"])
+        conns = GaugeMetricFamily("glidefs_volume_connections", "connected NBD clients",
+                                  labels=["volume"])
+        cached = GaugeMetricFamily("glidefs_cache_bytes", "bytes held in the cache file",
+                                   labels=["volume"])
+        hits = CounterMetricFamily("glidefs_cache_hits", "reads served locally",
+                                   labels=["volume"])
+        misses = CounterMetricFamily("glidefs_cache_misses", "blocks read through from the "
+                                     "store", labels=["volume"])
+        evicted = CounterMetricFamily("glidefs_cache_evicted_bytes", "bytes evicted from the "
+                                      "cache file", labels=["volume"])
+        syncs = CounterMetricFamily("glidefs_syncs", "store sync cycles by result",
+                                    labels=["volume", "result"])
+        sync_dur = HistogramMetricFamily("glidefs_sync_duration_seconds",
+                                         "store sync cycle duration", labels=["volume"])
+        sync_bytes = CounterMetricFamily("glidefs_sync_bytes", "guest bytes synced to the store",
+                                         labels=["volume"])
+        last_commit = GaugeMetricFamily("glidefs_last_commit_timestamp_seconds",
+                                        "when the volume's last manifest version was "
+                                        "committed (unix time)", labels=["volume"])
+        version = GaugeMetricFamily("glidefs_manifest_version", "last committed manifest "
+                                    "version", labels=["volume"])
+        for name, sv in sorted(c.volumes.items()):
+            try:
+                stats = sv.vol.stats()
+                m = sv.vol.metrics() if hasattr(sv.vol, "metrics") else _fallback_io(stats)
+            except (ValueError, OSError):  # closed by a delete meanwhile
+                continue
+            for op in IO_OPS:
+                o = m["ops"][op]
+                io_req.add_metric([name, op], o["requests"])
+                io_bytes.add_metric([name, op], o["bytes"])
+                io_err.add_metric([name, op], o["errors"])
+                if self.bounds:
+                    io_lat.add_metric([name, op], _cumulative(self.bounds, o["buckets"]),
+                                      o["sum_ns"] / 1e9)
+            inflight.add_metric([name], m["inflight"])
+            hits.add_metric([name], m["cache_hits"])
+            misses.add_metric([name], m["cache_misses"])
+            evicted.add_metric([name], m["cache_evicted_bytes"])
+            wal.add_metric([name], stats["wal_bytes"])
+            budget.add_metric([name], stats["budget"])
+            dirty.add_metric([name], stats["dirty_blocks"] * BLOCK)
+            size.add_metric([name], stats["size"])
+            conns.add_metric([name], stats["connections"])
+            cached.add_metric([name], stats["cached_blocks"] * BLOCK)
+            s = sv.sync_stats.snapshot()
+            syncs.add_metric([name, "ok"], s.ok)
+            syncs.add_metric([name, "failed"], s.failed)
+            sync_dur.add_metric([name], _cumulative(SYNC_BUCKETS, s.buckets), s.seconds_sum)
+            sync_bytes.add_metric([name], s.bytes)
+            if s.last_commit_unix is not None:
+                last_commit.add_metric([name], s.last_commit_unix)
+            version.add_metric([name], sv.manifest.version)
+        yield from (io_req, io_bytes, io_err)
+        if self.bounds:
+            yield io_lat
+        yield from (inflight, wal, budget, dirty, size, conns, cached, hits, misses, evicted,
+                    syncs, sync_dur, sync_bytes, last_commit, version)
+        yield from self._store()
+        yield from self._handoff()
+
+    def _store(self) -> Iterator[Metric]:
+        store = self.control.store
+        if not isinstance(store, MeteredStore):
+            return
+        req = CounterMetricFamily("glidefs_store_requests", "object store requests",
+                                  labels=["op"])
+        err = CounterMetricFamily("glidefs_store_errors", "object store requests that failed",
+                                  labels=["op"])
+        nbytes = CounterMetricFamily("glidefs_store_bytes", "bytes moved to or from the store",
+                                     labels=["op"])
+        lat = HistogramMetricFamily("glidefs_store_request_duration_seconds",
+                                    "object store request duration", labels=["op"])
+        for op, o in store.snapshot().items():
+            req.add_metric([op], o.requests)
+            err.add_metric([op], o.errors)
+            nbytes.add_metric([op], o.bytes)
+            lat.add_metric([op], _cumulative(STORE_BUCKETS, o.buckets), o.seconds_sum)
+        yield from (req, err, nbytes, lat)
+
+    def _handoff(self) -> Iterator[Metric]:
+        # Declared now so dashboards can be built before the handoff exists.
+        total = CounterMetricFamily("glidefs_handoffs", "handoffs by result", labels=["result"])
+        for result in ("ok", "aborted", "failed"):
+            total.add_metric([result], 0)
+        yield total
+
+
+class Metrics:
+    """The daemon's registry and an async scrape that never blocks the loop."""
+
+    def __init__(self, control: Any) -> None:  # noqa: ANN401
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(DaemonCollector(control))
+
+    async def scrape(self) -> tuple[bytes, str]:
+        body = await asyncio.to_thread(generate_latest, self.registry)
+        return body, CONTENT_TYPE_LATEST

@@ -1,0 +1,129 @@
+"""A store wrapper that counts requests, errors, bytes and latency per
+operation, for the metrics (glidefs_store_*).
+
+Store requests take milliseconds; a lock and a few additions per request
+cost nothing next to them, and none of this runs per guest I/O.
+
+Keeps: every request is counted once, as an error too when it raised
+(NotFound and PreconditionFailed are answers, not errors: a GET of a
+missing key or a lost compare-and-swap is the protocol working).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from bisect import bisect_left
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from glide.store.base import (
+    Data,
+    ForwardingStore,
+    NotFound,
+    ObjectInfo,
+    ObjectStore,
+    PreconditionFailed,
+)
+
+OPS = ("get", "put", "head", "delete", "list")
+STORE_BUCKETS: tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                    0.25, 1.0, 5.0, 30.0)
+
+
+@dataclass
+class OpCounters:
+    requests: int = 0
+    errors: int = 0
+    bytes: int = 0
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(STORE_BUCKETS) + 1))
+    seconds_sum: float = 0.0
+
+
+class MeteredStore(ForwardingStore):
+    def __init__(self, inner: ObjectStore) -> None:
+        super().__init__(inner)
+        self._lock = threading.Lock()
+        self.ops = {op: OpCounters() for op in OPS}
+
+    def _count(self, op: str, t0: float, nbytes: int, error: bool) -> None:
+        dt = time.monotonic() - t0
+        with self._lock:
+            c = self.ops[op]
+            c.requests += 1
+            c.errors += error
+            c.bytes += nbytes
+            c.buckets[bisect_left(STORE_BUCKETS, dt)] += 1
+            c.seconds_sum += dt
+
+    def snapshot(self) -> dict[str, OpCounters]:
+        with self._lock:
+            return {op: OpCounters(c.requests, c.errors, c.bytes, list(c.buckets),
+                                   c.seconds_sum) for op, c in self.ops.items()}
+
+    def get_with_info(
+        self, key: str, start: int | None = None, end: int | None = None
+    ) -> tuple[bytes, ObjectInfo]:
+        t0 = time.monotonic()
+        try:
+            data, info = self.inner.get_with_info(key, start, end)
+        except NotFound:
+            self._count("get", t0, 0, False)
+            raise
+        except BaseException:
+            self._count("get", t0, 0, True)
+            raise
+        self._count("get", t0, len(data), False)
+        return data, info
+
+    def put(self, key: str, data: Data, *, if_match: str | None = None,
+            if_none_match: bool = False) -> str:
+        t0 = time.monotonic()
+        try:
+            etag = self.inner.put(key, data, if_match=if_match, if_none_match=if_none_match)
+        except PreconditionFailed:
+            self._count("put", t0, 0, False)
+            raise
+        except BaseException:
+            self._count("put", t0, 0, True)
+            raise
+        self._count("put", t0, len(memoryview(data)), False)
+        return etag
+
+    def head(self, key: str) -> ObjectInfo:
+        t0 = time.monotonic()
+        try:
+            info = self.inner.head(key)
+        except NotFound:
+            self._count("head", t0, 0, False)
+            raise
+        except BaseException:
+            self._count("head", t0, 0, True)
+            raise
+        self._count("head", t0, 0, False)
+        return info
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        t0 = time.monotonic()
+        try:
+            yield from self.inner.list(prefix)
+        except GeneratorExit:  # the caller stopped reading: not an error
+            self._count("list", t0, 0, False)
+            raise
+        except BaseException:
+            self._count("list", t0, 0, True)
+            raise
+        self._count("list", t0, 0, False)
+
+    def delete(self, key: str, *, if_unmodified_since: datetime | None = None) -> None:
+        t0 = time.monotonic()
+        try:
+            self.inner.delete(key, if_unmodified_since=if_unmodified_since)
+        except (NotFound, PreconditionFailed):
+            self._count("delete", t0, 0, False)
+            raise
+        except BaseException:
+            self._count("delete", t0, 0, True)
+            raise
+        self._count("delete", t0, 0, False)
