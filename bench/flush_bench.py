@@ -19,7 +19,7 @@ Rounds interleave zstd and the flush so machine drift hits both alike; the
 summary shows medians and flush/zstd ratios against the 0.7x target. Figures
 are comparable only within one run: that is the point of the ratios.
 
-Then the manifest's commit cost (`glide.repo.manifest.bench_commit_cost`): bytes
+Then the manifest's commit cost (`glide.repo.manifest.bench.bench_commit_cost`): bytes
 PUT by a 1-block flush on a fully written volume of --commit-gib GiB, and the
 estimate for 1 TiB.
 """
@@ -39,7 +39,8 @@ import time
 from pathlib import Path
 
 from glide import _native
-from glide.repo.manifest import Manifest, bench_commit_cost
+from glide.repo.manifest import Manifest
+from glide.repo.manifest.bench import bench_commit_cost
 from glide.store import LocalDirStore
 from glide.volume.flusher import Flusher
 

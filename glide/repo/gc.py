@@ -58,8 +58,9 @@ from datetime import UTC, datetime, timedelta
 
 from glide.config import DEFAULT_COMMIT_DEADLINE
 from glide.errors import GlideError, UsageError
-from glide.repo.manifest import NODE_PREFIX, VOLUME_PREFIX, Root, reachable_keys
+from glide.repo.manifest import NODE_PREFIX, VOLUME_PREFIX, Root
 from glide.repo.pack import PACK_PREFIX
+from glide.repo.reach import reachable_keys
 from glide.store.base import NotFound, ObjectStore, PreconditionFailed
 from glide.volume.flusher import deadline_clock
 

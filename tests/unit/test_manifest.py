@@ -837,7 +837,7 @@ def test_root_put_that_did_not_land_is_retried(store: LocalDirStore, kind: Fault
 
 def test_corrupt_reread_after_lost_reply_is_not_taken_for_another_writer(
         store: LocalDirStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mf, "ROOT_BACKOFF", 0.001)
+    monkeypatch.setattr(mf.tree, "ROOT_BACKOFF", 0.001)
     manifest, faulty = first_commit_faulty(store, {("put", 2): Fault(FaultKind.LOST_REPLY),
                                                    ("get", 0): Fault(FaultKind.CORRUPT)})
     manifest.commit(faulty)
@@ -847,7 +847,7 @@ def test_corrupt_reread_after_lost_reply_is_not_taken_for_another_writer(
 
 def test_unknown_outcome_is_settled_by_the_next_commit(store: LocalDirStore,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mf, "ROOT_BACKOFF", 0.001)
+    monkeypatch.setattr(mf.tree, "ROOT_BACKOFF", 0.001)
     # The root PUT lands but its reply is lost, and every re-read fails.
     schedule = {("put", 2): Fault(FaultKind.LOST_REPLY)}
     schedule.update({("get", n): Fault(FaultKind.ERROR) for n in range(20)})
@@ -866,7 +866,7 @@ def test_unknown_outcome_is_settled_by_the_next_commit(store: LocalDirStore,
 
 def test_unknown_outcome_that_did_not_land(store: LocalDirStore,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mf, "ROOT_BACKOFF", 0.001)
+    monkeypatch.setattr(mf.tree, "ROOT_BACKOFF", 0.001)
     schedule = {("put", n): Fault(FaultKind.ERROR) for n in range(2, 20)}
     manifest, faulty = first_commit_faulty(store, schedule)
     with pytest.raises(StoreUnavailable):
