@@ -17,6 +17,7 @@ Keeps:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -30,6 +31,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from glide import __version__
@@ -170,6 +172,14 @@ def build_app(control: Any, scrape: Scrape) -> FastAPI:  # noqa: ANN401
         return JSONResponse({"error": exc.code, "message": str(exc)},
                             status_code=exc.http_status)
 
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # A bug or a system error: say so in the same shape, log the trace.
+        log.error("api %s %s failed: %r", request.method, request.url.path, exc,
+                  exc_info=exc)
+        return JSONResponse({"error": "internal", "message": f"{type(exc).__name__}: {exc}"},
+                            status_code=500)
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         parts = []
@@ -278,32 +288,30 @@ class BodyLimit:
                                   f"request body over {self.limit} bytes")
                 return
         seen = 0
-        started = False
+        refused = False
 
         async def limited() -> Message:
-            nonlocal seen
+            # Past the limit, answer 413 here and tell the app the client
+            # left: the app stops reading, and whatever it sends is dropped.
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.limit:
-                    raise _TooLarge
+                    refused = True
+                    await _send_error(send, 413, "too_large",
+                                      f"request body over {self.limit} bytes")
+                    return {"type": "http.disconnect"}
             return msg
 
-        async def tracking_send(msg: Message) -> None:
-            nonlocal started
-            if msg["type"] == "http.response.start":
-                started = True
-            await send(msg)
+        async def guarded_send(msg: Message) -> None:
+            if not refused:
+                await send(msg)
 
-        try:
-            await self.app(scope, limited, tracking_send)
-        except _TooLarge:
-            if not started:
-                await _send_error(send, 413, "too_large", f"request body over {self.limit} bytes")
-
-
-class _TooLarge(Exception):
-    pass
+        with contextlib.suppress(ClientDisconnect):
+            await self.app(scope, limited, guarded_send)
 
 
 class BearerAuth:
