@@ -384,6 +384,11 @@ class Control:
                 log.error("delete volume=%s aborted: the final sync failed (%s); the volume "
                           "is still served", name, err)
                 raise
+        try:
+            await asyncio.to_thread(self.registry.record_delete, name)
+        except BaseException:
+            await asyncio.to_thread(restore)
+            raise
         del self.served[name]
         await asyncio.to_thread(self._remove_local, name, e, purge)
         log.info("deleted volume=%s purge=%s", name, purge)
@@ -392,7 +397,6 @@ class Control:
 
     def _remove_local(self, name: str, e: Exported, purge: bool) -> None:
         assert self.store is not None
-        self.registry.record_delete(name)
         e.sv.close()
         vdir = self.cfg.data_dir / "volumes" / name
         trash = self.cfg.data_dir / "volumes" / TRASH_DIR

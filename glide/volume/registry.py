@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,8 @@ class VolumeRegistry:
         self.path = data_dir / REGISTRY_FILE
         self.entries: dict[str, RegistryEntry] = {}
         self.existed = False  # the file was there: the default volume is not created
+        # API operations run on worker threads: one change and save at a time.
+        self._lock = threading.Lock()
 
     @classmethod
     def load(cls, data_dir: Path) -> VolumeRegistry:
@@ -124,17 +127,31 @@ class VolumeRegistry:
         return any(v.name == name and not v.implicit for v in cfg.volumes)
 
     def record_create(self, name: str, size: int) -> None:
-        self.entries[name] = RegistryEntry(size, "api", time.time())
-        self.save()
+        with self._lock:
+            self.entries[name] = RegistryEntry(size, "api", time.time())
+            self._save_or_undo(name, None)
 
     def record_size(self, name: str, size: int, from_config: bool) -> None:
-        e = self.entries.get(name)
-        if e is None:
-            e = RegistryEntry(size, "config" if from_config else "api", time.time())
-            self.entries[name] = e
-        e.size = size
-        self.save()
+        with self._lock:
+            old = self.entries.get(name)
+            self.entries[name] = RegistryEntry(
+                size, old.origin if old else ("config" if from_config else "api"),
+                old.created if old else time.time())
+            self._save_or_undo(name, old)
 
     def record_delete(self, name: str) -> None:
-        if self.entries.pop(name, None) is not None:
+        with self._lock:
+            old = self.entries.pop(name, None)
+            if old is not None:
+                self._save_or_undo(name, old)
+
+    def _save_or_undo(self, name: str, old: RegistryEntry | None) -> None:
+        """Save; if that fails, the table goes back to what the file holds."""
+        try:
             self.save()
+        except BaseException:
+            if old is None:
+                self.entries.pop(name, None)
+            else:
+                self.entries[name] = old
+            raise
