@@ -1,9 +1,14 @@
 /* block_index.c — state bytes + an open-addressing map lba -> version chain.
  * Linear probing with backward-shift deletion keeps lookups short without
- * tombstones; versions live in one arena with a free list. */
+ * tombstones; versions live in one arena with a free list. The state array is
+ * an anonymous mapping: its pages cost memory only once written, and growing
+ * it is an mremap that neither copies nor touches the pages it keeps. */
+#define _GNU_SOURCE
 #include "block_index.h"
 
 #include <stdlib.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "wal_record.h"
 
@@ -17,6 +22,7 @@ struct slot {
 struct block_index {
     uint64_t nblocks;
     uint8_t *state;
+    size_t state_len; /* bytes mapped: nblocks rounded up to whole pages */
     struct slot *slots;
     uint64_t cap; /* power of two */
     uint64_t used;
@@ -39,11 +45,18 @@ static struct slot *alloc_slots(uint64_t cap) {
     return s;
 }
 
+static size_t state_bytes(uint64_t nblocks) {
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    return ((size_t)(nblocks ? nblocks : 1) + page - 1) & ~(page - 1);
+}
+
 struct block_index *block_index_create(uint64_t nblocks) {
     struct block_index *bi = calloc(1, sizeof *bi);
     if (!bi) return NULL;
     bi->nblocks = nblocks;
-    bi->state = calloc(nblocks ? nblocks : 1, 1);
+    bi->state_len = state_bytes(nblocks);
+    bi->state = mmap(NULL, bi->state_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (bi->state == MAP_FAILED) bi->state = NULL;
     bi->cap = 1024;
     bi->slots = alloc_slots(bi->cap);
     bi->vcap = 1024;
@@ -55,7 +68,23 @@ struct block_index *block_index_create(uint64_t nblocks) {
 
 void block_index_destroy(struct block_index *bi) {
     if (!bi) return;
-    free(bi->state); free(bi->slots); free(bi->vers); free(bi);
+    if (bi->state) munmap(bi->state, bi->state_len);
+    free(bi->slots); free(bi->vers); free(bi);
+}
+
+int block_index_grow(struct block_index *bi, uint64_t nblocks) {
+    if (nblocks <= bi->nblocks) return 0;
+    size_t len = state_bytes(nblocks);
+    if (len != bi->state_len) {
+        /* The pages added are zero (ABSENT, not REMOTE), and so is the tail of
+         * the last old page: nothing ever writes past nblocks. */
+        void *p = mremap(bi->state, bi->state_len, len, MREMAP_MAYMOVE);
+        if (p == MAP_FAILED) return -1;
+        bi->state = p;
+        bi->state_len = len;
+    }
+    bi->nblocks = nblocks;
+    return 0;
 }
 
 uint64_t block_index_nblocks(const struct block_index *bi) { return bi->nblocks; }

@@ -11,9 +11,11 @@
  * a flusher read a block "as of" a sequence number while later writes keep
  * landing.
  *
- * Not thread-safe: the owning volume serialises access with its index mutex.
- * Memory: the state array is calloc'd (untouched pages are never faulted in),
- * versions are bounded by the WAL budget.
+ * Not thread-safe: the owning volume serialises access with its index mutex,
+ * and that includes the state array returned by block_index_states, which
+ * block_index_grow may move.
+ * Memory: the state array is an anonymous mapping (untouched pages are never
+ * faulted in, also after a grow), versions are bounded by the WAL budget.
  */
 #ifndef GLIDE_BLOCK_INDEX_H
 #define GLIDE_BLOCK_INDEX_H
@@ -55,6 +57,9 @@ struct block_index *block_index_create(uint64_t nblocks);
 void block_index_destroy(struct block_index *bi);
 
 uint64_t block_index_nblocks(const struct block_index *bi);
+/* More blocks, all ABSENT and not REMOTE; never fewer. Moves the state array
+ * (pointers from block_index_states die). 0, or -1 on ENOMEM. */
+int block_index_grow(struct block_index *bi, uint64_t nblocks);
 uint8_t block_index_state(const struct block_index *bi, uint64_t lba);
 /* The whole state array, for bulk scans (state file encoding, the eviction
  * hand) that would otherwise cost a call per block. Read-only. */

@@ -33,7 +33,7 @@ int encode_state(struct volume *v, struct state_image *img) {
  * caller holds ckpt_mu (checkpoints and eviction batches both come here).
  * Consumes img. */
 int write_state_file(struct volume *v, struct state_image *img, uint64_t ckpt_seq, uint64_t *bytes_out) {
-    struct state_header h = {.nblocks = v->nblocks, .checkpoint_seq = ckpt_seq,
+    struct state_header h = {.nblocks = img->nblocks, .checkpoint_seq = ckpt_seq,
                              .manifest_version = v->manifest_version};
     memcpy(h.volume_id, v->volume_id, 16);
     state_seal(img, &h);
@@ -71,7 +71,7 @@ static void apply_run(void *ctx, uint64_t lba, uint64_t count, uint8_t base, int
     }
 }
 
-int read_state_file(struct volume *v, uint64_t *ckpt_seq, char *err, size_t errlen) {
+int read_state_file(struct volume *v, uint64_t *ckpt_seq, uint64_t *file_nblocks, char *err, size_t errlen) {
     char path[4096 + 32];
     snprintf(path, sizeof path, "%s/state", v->dir);
     int fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -88,13 +88,17 @@ int read_state_file(struct volume *v, uint64_t *ckpt_seq, char *err, size_t errl
     int dr = state_decode_header(buf, len, &h);
     rc = -EUCLEAN;
     if (dr) goto bad;
-    if (h.nblocks != v->nblocks) {
+    if (h.nblocks > v->nblocks) {
         snprintf(err, errlen, "volume at %s has %llu bytes but the configuration says %llu; "
-                 "resizing is not supported", v->dir,
-                 (unsigned long long)(h.nblocks * GLIDE_BLOCK_SIZE), (unsigned long long)v->size);
+                 "shrinking a volume is not supported (configure at least %llu bytes)", v->dir,
+                 (unsigned long long)(h.nblocks * GLIDE_BLOCK_SIZE), (unsigned long long)v->size,
+                 (unsigned long long)(h.nblocks * GLIDE_BLOCK_SIZE));
         rc = -EINVAL;
         goto out;
     }
+    /* Fewer blocks than configured: the volume grew, and the blocks past the
+     * state file's end stay ABSENT (zeros). */
+    *file_nblocks = h.nblocks;
     *ckpt_seq = h.checkpoint_seq;
     v->manifest_version = h.manifest_version;
     memcpy(v->volume_id, h.volume_id, 16);
@@ -106,6 +110,25 @@ bad:
     snprintf(err, errlen, "state file %s%s", path, state_decode_error(dr));
 out:
     free(buf);
+    return rc;
+}
+
+int persist_state_locked(struct volume *v, uint64_t ckpt_seq, uint64_t *bytes_out) {
+    struct state_image img;
+    pthread_mutex_lock(&v->idx_mu);
+    int rc = encode_state(v, &img);
+    uint64_t installs = atomic_load(&v->installs);
+    if (!rc) v->remote_changed = 0;
+    pthread_mutex_unlock(&v->idx_mu);
+    if (rc) return rc;
+    rc = sync_installs(v, installs);
+    if (!rc) rc = write_state_file(v, &img, ckpt_seq, bytes_out);
+    else free(img.buf);
+    if (rc) {
+        pthread_mutex_lock(&v->idx_mu);
+        v->remote_changed = 1; /* the snapshot that cleared it never reached the disk */
+        pthread_mutex_unlock(&v->idx_mu);
+    }
     return rc;
 }
 
@@ -276,20 +299,11 @@ int volume_checkpoint(struct volume *v, uint64_t upto, struct checkpoint_stats *
          * file (a cold open marking what the store holds) must still be made
          * durable: a restart that forgot them would read those blocks as zeros. */
         pthread_mutex_lock(&v->idx_mu);
-        int changed = v->remote_changed;
-        struct state_image img = {0};
-        uint64_t installs = 0;
-        if (changed) {
-            rc = encode_state(v, &img);
-            installs = atomic_load(&v->installs);
-            if (!rc) v->remote_changed = 0;
-        }
+        int changed = v->remote_changed; /* only state file writers clear it, and they hold ckpt_mu */
         pthread_mutex_unlock(&v->idx_mu);
-        if (!changed || rc) goto out;
-        rc = sync_installs(v, installs);
-        if (!rc) rc = write_state_file(v, &img, v->checkpoint_seq, &st->state_bytes);
-        else free(img.buf);
-        if (rc) set_failed(v, -rc);
+        if (!changed) goto out;
+        rc = persist_state_locked(v, v->checkpoint_seq, &st->state_bytes);
+        if (rc && rc != -ENOMEM) set_failed(v, -rc);
         goto out;
     }
     crash_point("checkpoint-after-cut");

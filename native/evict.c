@@ -5,7 +5,8 @@
  * Invariant 4 across a crash: a state file never says CLEAN over a hole. The
  * order inside a batch that keeps it is described at evict_commit. Never
  * touched: DIRTY blocks and blocks only this cache holds (not REMOTE).
- * Locks: evict_mu (one sweep at a time, owns clock_hand) -> ckpt_mu (the
+ * Locks: evict_mu (one sweep at a time, owns clock_hand, and keeps
+ * volume_grow out while a sweep is sized by nblocks) -> ckpt_mu (the
  * whole batch) -> evict_rw (exclusive, to drain reads) -> idx_mu.
  */
 #define _GNU_SOURCE
@@ -172,7 +173,8 @@ int volume_evict_to(struct volume *v, uint64_t max_cached, uint64_t *evicted) {
      * passes, so the second finds everything evictable that nobody read in
      * between. Bounding the travel is what ends a call that cannot reach the
      * target because the rest is dirty or held only locally. */
-    const uint64_t limit = 2 * v->nblocks;
+    const uint64_t nb = v->nblocks; /* fixed while evict_mu is held (volume_grow takes it) */
+    const uint64_t limit = 2 * nb;
     uint64_t travel = 0;
     int rc = 0;
     while (!rc && travel < limit) {
@@ -190,7 +192,7 @@ int volume_evict_to(struct volume *v, uint64_t max_cached, uint64_t *evicted) {
                 uint8_t s = st[h];
                 if (s & BLOCK_REFERENCED) block_index_set_referenced(v->bi, h, 0); /* second chance */
                 else if (evictable(s)) cand[k++] = h;
-                h = h + 1 == v->nblocks ? 0 : h + 1;
+                h = h + 1 == nb ? 0 : h + 1;
                 travel++;
             }
             v->clock_hand = h;

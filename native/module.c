@@ -233,16 +233,42 @@ static PyObject *Volume_last_seq(VolumeObject *self, PyObject *Py_UNUSED(ignored
 }
 
 static PyObject *Volume_serve_nbd(VolumeObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"fd", "structured", "meta_id", "initial", NULL};
+    static char *kwlist[] = {"fd", "structured", "meta_id", "initial", "export_size", NULL};
     int fd, structured = 0;
     unsigned int meta_id = 0;
+    unsigned long long export_size = 0;
     Py_buffer initial = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "i|pIy*", kwlist, &fd, &structured, &meta_id, &initial)) return NULL;
-    if (check_open(self)) { if (initial.obj) PyBuffer_Release(&initial); return NULL; }
-    struct nbd_conn_opts o = {.structured = structured, .meta_id = meta_id};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "i|pIy*K", kwlist, &fd, &structured, &meta_id, &initial,
+                                     &export_size))
+        return NULL;
+    if (check_open(self) || export_size > self->v->size) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "export_size is larger than the volume");
+        if (initial.obj) PyBuffer_Release(&initial);
+        return NULL;
+    }
+    /* The size the handshake announced bounds this connection for its life,
+     * also after the volume grows; 0 means the size right now. */
+    struct nbd_conn_opts o = {.structured = structured, .meta_id = meta_id, .export_size = export_size};
     int rc = nbd_conn_start(self->v, fd, &o, initial.obj ? initial.buf : NULL, initial.obj ? (size_t)initial.len : 0);
     if (initial.obj) PyBuffer_Release(&initial);
     if (rc) return raise_errno(rc, "serve_nbd");
+    Py_RETURN_NONE;
+}
+
+static PyObject *Volume_grow(VolumeObject *self, PyObject *args) {
+    unsigned long long size;
+    if (!PyArg_ParseTuple(args, "K", &size) || check_open(self)) return NULL;
+    if (size % GLIDE_BLOCK_SIZE)
+        return PyErr_Format(PyExc_ValueError, "new size %llu is not a multiple of %u", size, GLIDE_BLOCK_SIZE);
+    if (size < self->v->size)
+        return PyErr_Format(PyExc_ValueError, "new size %llu is smaller than the volume (%llu bytes): "
+                            "shrinking is not supported", size, (unsigned long long)self->v->size);
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = volume_grow(self->v, size);
+    Py_END_ALLOW_THREADS
+    if (rc == -EINVAL) return PyErr_Format(PyExc_ValueError, "new size %llu is smaller than the volume", size);
+    if (rc) return raise_errno(rc, "grow");
     Py_RETURN_NONE;
 }
 
@@ -279,6 +305,22 @@ static PyObject *Volume_attach_ublk(VolumeObject *self, PyObject *args, PyObject
     }
     self->ublk = d;
     return Py_BuildValue("(iO)", ublk_device_id(d), recovered ? Py_True : Py_False);
+}
+
+static PyObject *Volume_ublk_update_size(VolumeObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (check_open(self)) return NULL;
+    if (!self->ublk) { PyErr_SetString(PyExc_ValueError, "volume has no ublk device"); return NULL; }
+    char err[512];
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = ublk_update_size(self->ublk, err, sizeof err);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        errno = -rc;
+        PyErr_Format(PyExc_OSError, "%s", err[0] ? err : strerror(-rc));
+        return NULL;
+    }
+    return PyBool_FromLong(rc);
 }
 
 static PyObject *Volume_detach_ublk(VolumeObject *self, PyObject *args) {
@@ -513,7 +555,14 @@ static PyMethodDef Volume_methods[] = {
     {"block_status", (PyCFunction)Volume_block_status, METH_VARARGS, "block_status(offset, length) -> [(len, flags)]"},
     {"last_seq", (PyCFunction)Volume_last_seq, METH_NOARGS, "Sequence number of the newest WAL record."},
     {"serve_nbd", (PyCFunction)(void (*)(void))Volume_serve_nbd, METH_VARARGS | METH_KEYWORDS,
-     "serve_nbd(fd, structured=False, meta_id=0, initial=b'') — takes ownership of fd"},
+     "serve_nbd(fd, structured=False, meta_id=0, initial=b'', export_size=0) — takes ownership of fd; "
+     "export_size: what the handshake announced (0: the size now)"},
+    {"grow", (PyCFunction)Volume_grow, METH_VARARGS,
+     "grow(new_size): online, while I/O goes on; durable when it returns. A multiple of 4096, not smaller "
+     "(ValueError); equal is a no-op. NBD connections keep the size they negotiated."},
+    {"ublk_update_size", (PyCFunction)Volume_ublk_update_size, METH_NOARGS,
+     "Give the ublk device the volume's size: True, or False when the kernel cannot (UBLK_U_CMD_UPDATE_SIZE "
+     "is Linux 6.16+)"},
     {"shutdown_connections", (PyCFunction)Volume_shutdown_connections, METH_VARARGS,
      "shutdown_connections(grace_ms=5000)"},
     {"stats", (PyCFunction)Volume_stats, METH_NOARGS, "Counters and state as a dict."},

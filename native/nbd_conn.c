@@ -455,7 +455,11 @@ int nbd_conn_start(struct volume *v, int fd, const struct nbd_conn_opts *o, cons
     c->v = v;
     c->fd = fd;
     c->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    c->sess = (struct nbd_session){.export_size = v->size, .max_payload = GLIDE_MAX_IO,
+    /* Every request is checked against the size this client was told, for
+     * the life of the connection: a volume that grows meanwhile is seen only
+     * by new connections (the NBD protocol has no resize notification). */
+    c->sess = (struct nbd_session){.export_size = o->export_size ? o->export_size : v->size,
+                                   .max_payload = GLIDE_MAX_IO,
                                    .structured = o->structured, .meta_id = o->meta_id};
     c->in = malloc(IN_CAP);
     c->out = malloc(OUT_CAP);

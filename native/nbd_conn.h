@@ -17,8 +17,9 @@
 struct volume;
 
 struct nbd_conn_opts {
-    int structured;   /* structured replies negotiated */
-    uint32_t meta_id; /* base:allocation context id, 0 = not negotiated */
+    int structured;       /* structured replies negotiated */
+    uint32_t meta_id;     /* base:allocation context id, 0 = not negotiated */
+    uint64_t export_size; /* announced in the handshake; 0 = the volume's size now */
 };
 
 /* Takes ownership of fd (closed when the connection ends, also on error).

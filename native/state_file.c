@@ -30,6 +30,7 @@ static int get_varint(const uint8_t *p, size_t len, size_t *pos, uint64_t *x) {
 int state_encode_runs(const uint8_t *st, uint64_t nblocks, struct state_image *img) {
     img->cap = STATE_HDR + 4 + 64;
     img->len = STATE_HDR;
+    img->nblocks = nblocks;
     img->buf = malloc(img->cap);
     if (!img->buf) return -ENOMEM;
     uint64_t i = 0;

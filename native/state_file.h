@@ -26,6 +26,7 @@
 struct state_image {
     uint8_t *buf;
     size_t len, cap;
+    uint64_t nblocks; /* what the runs cover: the header must say the same */
 };
 
 struct state_header {

@@ -146,6 +146,35 @@ int ublk_probe(char *msg, size_t len) {
     return 0;
 }
 
+/* Whether this kernel resizes a live device (UBLK_U_CMD_UPDATE_SIZE, Linux
+ * 6.16+). Asked through GET_FEATURES, so an older kernel is never sent a
+ * command it does not know. */
+static int can_update_size(struct ctrl *c) {
+    uint64_t features = 0;
+    return ctrl_cmd(c, UBLK_U_CMD_GET_FEATURES, 0, 0, &features, sizeof features) == 0 &&
+           (features & UBLK_F_UPDATE_SIZE);
+}
+
+static int update_size(struct ctrl *c, int dev_id, uint64_t size, char *err, size_t errlen) {
+    int rc = ctrl_cmd(c, UBLK_U_CMD_UPDATE_SIZE, (uint32_t)dev_id, size >> 9, NULL, 0);
+    if (rc == -EOPNOTSUPP) return 0; /* advertised but refused: treat as absent */
+    if (rc < 0) {
+        snprintf(err, errlen, "UPDATE_SIZE on ublk device %d: %s", dev_id, strerror(-rc));
+        return rc;
+    }
+    return 1;
+}
+
+int ublk_update_size(struct ublk_device *d, char *err, size_t errlen) {
+    err[0] = 0;
+    struct ctrl c;
+    int rc = ctrl_open(&c, err, errlen);
+    if (rc) return rc;
+    rc = can_update_size(&c) ? update_size(&c, d->dev_id, d->v->size, err, errlen) : 0;
+    ctrl_close(&c);
+    return rc;
+}
+
 int glide_unshare_mounts(char *msg, size_t len) {
     if (unshare(CLONE_NEWNS) < 0) {
         snprintf(msg, len, "unshare(CLONE_NEWNS): %s", strerror(errno));
@@ -504,7 +533,7 @@ int ublk_attach(struct volume *v, const struct ublk_config *cfg, struct ublk_dev
     int rc = ctrl_open(&c, err, errlen);
     if (rc) { free_device(d); return rc; }
 
-    int recover = 0;
+    int recover = 0, resize = 0;
     if (cfg->dev_id >= 0) {
         struct ublksrv_ctrl_dev_info info;
         memset(&info, 0, sizeof info);
@@ -514,7 +543,9 @@ int ublk_attach(struct volume *v, const struct ublk_config *cfg, struct ublk_dev
             memset(&p, 0, sizeof p);
             p.len = sizeof p;
             rc = ctrl_cmd(&c, UBLK_U_CMD_GET_PARAMS, (uint32_t)cfg->dev_id, 0, &p, sizeof p);
-            if (rc == 0 && (p.basic.dev_sectors << 9) != v->size) {
+            uint64_t dev_size = p.basic.dev_sectors << 9;
+            resize = rc == 0 && dev_size < v->size; /* the volume grew since the device was made */
+            if (rc == 0 && dev_size > v->size) {
                 snprintf(err, errlen, "ublk device %d was left by an earlier run with size %llu bytes, but the "
                          "volume has %llu; refusing to attach (remove the device if it is stale)",
                          cfg->dev_id, (unsigned long long)(p.basic.dev_sectors << 9), (unsigned long long)v->size);
@@ -522,8 +553,9 @@ int ublk_attach(struct volume *v, const struct ublk_config *cfg, struct ublk_dev
                 goto fail;
             }
             if (info.ublksrv_flags != cfg->owner_tag) {
-                snprintf(err, errlen, "ublk device %d already exists and was not created by glidefs for this "
-                         "volume; choose another ublk_id, or remove the device if it is stale", cfg->dev_id);
+                snprintf(err, errlen, "ublk device %d (with size %llu bytes) already exists and was not created by "
+                         "glidefs for this volume; choose another ublk_id, or remove the device if it is stale",
+                         cfg->dev_id, (unsigned long long)dev_size);
                 rc = -EEXIST;
                 goto fail;
             }
@@ -539,6 +571,14 @@ int ublk_attach(struct volume *v, const struct ublk_config *cfg, struct ublk_dev
                 ctrl_cmd(&c, UBLK_U_CMD_DEL_DEV, (uint32_t)cfg->dev_id, 0, NULL, 0);
             } else {
                 recover = 1;
+            }
+            if (recover && resize && !can_update_size(&c)) {
+                snprintf(err, errlen, "ublk device %d has %llu bytes but the volume grew to %llu, and this kernel "
+                         "cannot resize a ublk device (UBLK_U_CMD_UPDATE_SIZE needs Linux >= 6.16); remove the "
+                         "device (--release-devices) so that a new one is created",
+                         cfg->dev_id, (unsigned long long)dev_size, (unsigned long long)v->size);
+                rc = -EINVAL;
+                goto fail;
             }
         } else if (rc != -ENODEV && rc != -ENOENT) {
             snprintf(err, errlen, "GET_DEV_INFO for ublk device %d: %s", cfg->dev_id, strerror(-rc));
@@ -587,6 +627,14 @@ int ublk_attach(struct volume *v, const struct ublk_config *cfg, struct ublk_dev
         snprintf(err, errlen, "%s on ublk device %d: %s", recover ? "END_USER_RECOVERY" : "START_DEV", d->dev_id,
                  strerror(-rc));
         goto fail_created;
+    }
+    if (resize && recover) {
+        rc = update_size(&c, d->dev_id, v->size, err, errlen);
+        if (rc == 0) {
+            snprintf(err, errlen, "UPDATE_SIZE on ublk device %d: refused by the kernel", d->dev_id);
+            rc = -EOPNOTSUPP;
+        }
+        if (rc < 0) goto fail_created;
     }
     ctrl_close(&c);
     *recovered = recover;

@@ -35,6 +35,13 @@ int ublk_attach(struct volume *v, const struct ublk_config *cfg, struct ublk_dev
                 char *err, size_t errlen);
 int ublk_device_id(const struct ublk_device *d);
 
+/* Give the device the volume's current size (after volume_grow): 1 done, 0
+ * when the kernel cannot (UBLK_U_CMD_UPDATE_SIZE is Linux 6.16+; 6.12 lacks
+ * it), -errno with a reason in err. Connections and queues keep running. A
+ * device that is smaller than its volume when a later daemon recovers it is
+ * resized the same way, or refused with the reason on older kernels. */
+int ublk_update_size(struct ublk_device *d, char *err, size_t errlen);
+
 /* Stop serving but leave the device for the next daemon (QUIESCED). */
 void ublk_detach(struct ublk_device *d);
 /* Stop and delete the device (it disappears from /dev). */

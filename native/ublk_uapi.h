@@ -108,6 +108,9 @@ struct ublk_params {
 #define UBLK_U_CMD_START_USER_RECOVERY _IOWR('u', 0x10, struct ublksrv_ctrl_cmd)
 #define UBLK_U_CMD_END_USER_RECOVERY _IOWR('u', 0x11, struct ublksrv_ctrl_cmd)
 #define UBLK_U_CMD_GET_FEATURES _IOR('u', 0x13, struct ublksrv_ctrl_cmd)
+/* Linux 6.16+ (not in 6.12, whose dispatcher answers -EOPNOTSUPP): the new
+ * capacity in sectors in data[0]; GET_FEATURES shows UBLK_F_UPDATE_SIZE. */
+#define UBLK_U_CMD_UPDATE_SIZE _IOWR('u', 0x15, struct ublksrv_ctrl_cmd)
 
 #define UBLK_U_IO_FETCH_REQ _IOWR('u', 0x20, struct ublksrv_io_cmd)
 #define UBLK_U_IO_COMMIT_AND_FETCH_REQ _IOWR('u', 0x21, struct ublksrv_io_cmd)
@@ -118,6 +121,7 @@ struct ublk_params {
 #define UBLK_F_USER_RECOVERY (1ULL << 3)
 #define UBLK_F_USER_RECOVERY_REISSUE (1ULL << 4)
 #define UBLK_F_CMD_IOCTL_ENCODE (1ULL << 6)
+#define UBLK_F_UPDATE_SIZE (1ULL << 10)
 
 #define UBLK_S_DEV_DEAD 0
 #define UBLK_S_DEV_LIVE 1

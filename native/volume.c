@@ -11,6 +11,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "crash_point.h"
 #include "glide_common.h"
 #include "volume_internal.h"
 
@@ -98,16 +99,9 @@ int volume_open(const struct volume_config *cfg, struct volume **out, char *err,
     snprintf(path, sizeof path, "%s/cache", v->dir);
     v->cache_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
     if (v->cache_fd < 0) { rc = -errno; snprintf(err, errlen, "cannot open %s: %s", path, strerror(errno)); goto fail; }
-    struct stat sb;
-    if (fstat(v->cache_fd, &sb) < 0) { rc = -errno; goto fail; }
-    if ((uint64_t)sb.st_size != v->size && ftruncate(v->cache_fd, (off_t)v->size) < 0) {
-        rc = -errno;
-        snprintf(err, errlen, "cannot size cache file %s: %s", path, strerror(errno));
-        goto fail;
-    }
 
-    uint64_t ckpt = 0;
-    rc = read_state_file(v, &ckpt, err, errlen);
+    uint64_t ckpt = 0, file_nblocks = v->nblocks;
+    rc = read_state_file(v, &ckpt, &file_nblocks, err, errlen);
     if (rc == -ENOENT) {
         /* A new volume. The state file is written before any WAL exists, so a
          * WAL without a state file never happens. */
@@ -119,6 +113,22 @@ int volume_open(const struct volume_config *cfg, struct volume **out, char *err,
     } else if (rc) {
         if (!err[0]) snprintf(err, errlen, "cannot read state file in %s: %s", v->dir, strerror(-rc));
         goto fail;
+    }
+    /* Sized only once the state file agreed: a configuration that is too
+     * small must not cut off cached blocks a state file says are CLEAN. A
+     * file longer than the size holds only blocks past the end of every
+     * state file (a grow that never reached its state file). */
+    struct stat sb;
+    if (fstat(v->cache_fd, &sb) < 0) { rc = -errno; goto fail; }
+    if ((uint64_t)sb.st_size != v->size && ftruncate(v->cache_fd, (off_t)v->size) < 0) {
+        rc = -errno;
+        snprintf(err, errlen, "cannot size cache file %s: %s", path, strerror(errno));
+        goto fail;
+    }
+    if (file_nblocks < v->nblocks) {
+        /* An implicit grow: recorded before any replay, as volume_grow would. */
+        rc = persist_state_locked(v, ckpt, NULL);
+        if (rc) { snprintf(err, errlen, "cannot write state file in %s: %s", v->dir, strerror(-rc)); goto fail; }
     }
     v->checkpoint_seq = ckpt;
     v->written_back_seq = ckpt;
@@ -137,6 +147,39 @@ int volume_open(const struct volume_config *cfg, struct volume **out, char *err,
     return 0;
 fail:
     volume_close(v);
+    return rc;
+}
+
+int volume_grow(struct volume *v, uint64_t new_size) {
+    if (new_size % GLIDE_BLOCK_SIZE) return -EINVAL;
+    int rc = atomic_load(&v->failed);
+    if (rc) return -rc;
+    /* evict_mu: a CLOCK sweep sizes its travel and wraps its hand by nblocks.
+     * ckpt_mu: the state file written here must not race another writer. */
+    pthread_mutex_lock(&v->evict_mu);
+    pthread_mutex_lock(&v->ckpt_mu);
+    uint64_t old = v->size;
+    if (new_size < old) { rc = -EINVAL; goto out; }
+    if (new_size == old) goto out;
+    /* 1. room in the cache file before any block there can become CLEAN */
+    if (ftruncate(v->cache_fd, (off_t)new_size) < 0) { rc = -errno; goto out; }
+    /* 2. the index, under idx_mu like every access to its state array: no
+     *    reader, writer, install or sweep holds a pointer into it across this */
+    pthread_mutex_lock(&v->idx_mu);
+    if (block_index_grow(v->bi, new_size / GLIDE_BLOCK_SIZE) < 0) rc = -ENOMEM;
+    else v->nblocks = new_size / GLIDE_BLOCK_SIZE;
+    pthread_mutex_unlock(&v->idx_mu);
+    if (rc) goto out;
+    /* 3. durable before any request past the old end is accepted, so a WAL
+     *    record there always lies inside the state file's size */
+    rc = persist_state_locked(v, v->checkpoint_seq, NULL);
+    if (rc) { set_failed(v, -rc); goto out; }
+    crash_point("grow-after-state");
+    /* 4. open the new blocks to requests */
+    v->size = new_size;
+out:
+    pthread_mutex_unlock(&v->ckpt_mu);
+    pthread_mutex_unlock(&v->evict_mu);
     return rc;
 }
 
@@ -610,7 +653,8 @@ int volume_dirty_upto(struct volume *v, uint64_t cut, dirty_fn fn, void *ctx) {
 int volume_local_only(struct volume *v, dirty_fn fn, void *ctx) {
     int rc = 0;
     pthread_mutex_lock(&v->idx_mu);
-    for (uint64_t lba = 0; lba < v->nblocks && !rc; lba++) {
+    const uint64_t nb = v->nblocks; /* changes only under idx_mu */
+    for (uint64_t lba = 0; lba < nb && !rc; lba++) {
         uint8_t st = block_index_state(v->bi, lba);
         if (!(st & (BLOCK_DIRTY | BLOCK_REMOTE)) && (st & BLOCK_BASE_MASK) == BLOCK_CLEAN)
             rc = fn(ctx, lba, WAL_KIND_DATA);

@@ -63,7 +63,10 @@ struct volume_stats {
 
 struct volume {
     char dir[4096];
-    uint64_t size, nblocks;
+    /* Only grow (volume_grow): nblocks changes under idx_mu with the index,
+     * size after the state file records it. Read without locks elsewhere, so
+     * atomic; a range checked against one value stays valid. */
+    _Atomic uint64_t size, nblocks;
     uint8_t volume_id[16];
     int cache_fd;
     struct wal wal;
@@ -111,8 +114,19 @@ struct checkpoint_stats {
     uint64_t cut_seq, blocks_written, blocks_zeroed, state_bytes;
 };
 
+/* A size larger than the state file's is a grow (the blocks added are
+ * ABSENT, reading as zeros); a smaller one is refused. */
 int volume_open(const struct volume_config *cfg, struct volume **out, char *err, size_t errlen);
 void volume_close(struct volume *v);
+
+/* Online grow to new_size bytes (a multiple of the block size, not smaller;
+ * equal is a no-op), while I/O, eviction and installs go on. The cache file
+ * is extended, the index grows, the state file records the new size durably,
+ * and only then do requests beyond the old end pass the range checks. NBD
+ * connections keep the size they negotiated. 0 or -errno (-EINVAL: shrink or
+ * misaligned; a failed state file write fails the volume, as in a
+ * checkpoint). */
+int volume_grow(struct volume *v, uint64_t new_size);
 
 /* All return 0 or -errno. Any offset/length is accepted; partial blocks are
  * read-modify-written. *seq receives the WAL sequence to wait on for

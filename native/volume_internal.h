@@ -37,8 +37,13 @@ int encode_state(struct volume *v, struct state_image *img);
  * ckpt_mu. Consumes img. */
 int write_state_file(struct volume *v, struct state_image *img, uint64_t ckpt_seq, uint64_t *bytes_out);
 /* At open, before the index is shared: decode the state file into v->bi and
- * v's identity. -ENOENT when there is none; other errors fill err. */
-int read_state_file(struct volume *v, uint64_t *ckpt_seq, char *err, size_t errlen);
+ * v's identity; *file_nblocks is the size it records (less than v->nblocks
+ * when the volume grew). -ENOENT when there is none; other errors fill err. */
+int read_state_file(struct volume *v, uint64_t *ckpt_seq, uint64_t *file_nblocks, char *err, size_t errlen);
+/* Write the index's current base states as a state file with this
+ * checkpoint sequence (what eviction batches and grow do): snapshot under
+ * idx_mu, sync installs, replace atomically. Caller holds ckpt_mu. */
+int persist_state_locked(struct volume *v, uint64_t ckpt_seq, uint64_t *bytes_out);
 /* fdatasync the cache file if installs since the last sync are about to be
  * recorded as CLEAN; `seen` is the install count read under idx_mu with the
  * snapshot. Caller holds ckpt_mu. */

@@ -64,6 +64,7 @@ def test_volume_units_under_sanitizers(asan_build: Path, tmp_path: Path) -> None
     run_pytest([str(ROOT / "tests" / "unit" / "test_volume.py"),
                 str(ROOT / "tests" / "unit" / "test_readthrough.py"),
                 str(ROOT / "tests" / "unit" / "test_eviction.py"),
+                str(ROOT / "tests" / "unit" / "test_grow.py"),
                 str(ROOT / "tests" / "unit" / "test_codecs.py")], env, tmp_path)
 
 

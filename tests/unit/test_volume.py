@@ -203,8 +203,10 @@ def test_wal_gap_refuses_to_open(tmp_path: Path) -> None:
 def test_corrupt_state_file_and_size_mismatch(tmp_path: Path) -> None:
     p = tmp_path / "v"
     open_vol(p).close()
-    with pytest.raises(ValueError, match="resizing is not supported"):
-        open_vol(p, size=32 * MiB)
+    with pytest.raises(ValueError, match="shrinking a volume is not supported"):
+        open_vol(p, size=8 * MiB)
+    # the refusal left the cache file alone (it is sized only after the check)
+    assert (p / "cache").stat().st_size == 16 * MiB
     data = bytearray((p / "state").read_bytes())
     data[20] ^= 1
     (p / "state").write_bytes(bytes(data))
