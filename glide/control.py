@@ -164,7 +164,15 @@ class Control:
             "syncs_ok": snap.ok,
             "syncs_failed": snap.failed,
             "last_sync_error": snap.last_error,
+            "sync_progress": self._sync_progress(e.sv),
         }
+
+    @staticmethod
+    def _sync_progress(sv: ServedVolume) -> dict[str, int] | None:
+        total = sv.flusher.progress_total
+        if not total:
+            return None
+        return {"blocks_done": min(sv.flusher.progress_done, total), "blocks_total": total}
 
     def status(self) -> dict[str, Any]:
         ready, why = self.ready()
@@ -242,7 +250,9 @@ class Control:
         vol = self.served[name].sv.vol
 
         def attach(fd: int, structured: bool, meta_id: int) -> None:
-            vol.serve_nbd(fd, structured, meta_id)
+            # The connection is bounded by the size its handshake announced,
+            # for its whole life, even if the volume grows meanwhile.
+            vol.serve_nbd(fd, structured, meta_id, export_size=size)
 
         return Export(name=name, size=size, attach=attach,
                       description=f"glidefs volume {name}")
@@ -310,7 +320,7 @@ class Control:
                     " ublk=unchanged (the kernel has no size-update command; the device "
                     "shows the new size once it is re-created)")
         # New NBD connections negotiate the new size; established ones keep theirs.
-        self.exports[name] = replace(self.exports[name], size=size)
+        self.exports[name] = self._export(name, size)
         log.info("grew volume=%s size=%d%s", name, size, ublk)
 
     async def sync_volume(self, name: str) -> dict[str, Any]:

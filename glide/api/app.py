@@ -78,6 +78,11 @@ class Exports(BaseModel):
     ublk_device: str | None = None
 
 
+class SyncProgress(BaseModel):
+    blocks_done: int = Field(description="blocks packed so far by the running sync")
+    blocks_total: int
+
+
 class VolumeInfo(BaseModel):
     name: str
     size: int
@@ -96,6 +101,8 @@ class VolumeInfo(BaseModel):
     syncs_ok: int
     syncs_failed: int
     last_sync_error: str | None
+    sync_progress: SyncProgress | None = Field(
+        None, description="the sync running now, if any")
 
 
 class VolumeSummary(BaseModel):

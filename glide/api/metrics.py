@@ -15,6 +15,7 @@ reading is skipped, never an error for the whole scrape.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -28,11 +29,16 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from glide import _native
-from glide.store.metered import STORE_BUCKETS, MeteredStore
-from glide.volume.sync_stats import SYNC_BUCKETS
+from glide.histogram import HistogramSnapshot
+from glide.store.metered import MeteredStore
 
 IO_OPS = ("read", "write", "flush", "trim", "write_zeroes")
+HANDOFF_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BLOCK = 4096
+
+
+def _buckets(h: HistogramSnapshot) -> list[tuple[str, float]]:
+    return _cumulative(h.bounds, h.counts)
 
 
 def _cumulative(bounds: Sequence[float], counts: Sequence[int]) -> list[tuple[str, float]]:
@@ -107,6 +113,10 @@ class DaemonCollector:
         last_commit = GaugeMetricFamily("glidefs_last_commit_timestamp_seconds",
                                         "when the volume's last manifest version was "
                                         "committed (unix time)", labels=["volume"])
+        readthrough = HistogramMetricFamily(
+            "glidefs_cache_readthrough_duration_seconds",
+            "time to resolve a batch of read misses from the store (the longest a parked "
+            "read waits)", labels=["volume"])
         version = GaugeMetricFamily("glidefs_manifest_version", "last committed manifest "
                                     "version", labels=["volume"])
         for name, sv in sorted(c.volumes.items()):
@@ -136,7 +146,9 @@ class DaemonCollector:
             s = sv.sync_stats.snapshot()
             syncs.add_metric([name, "ok"], s.ok)
             syncs.add_metric([name, "failed"], s.failed)
-            sync_dur.add_metric([name], _cumulative(SYNC_BUCKETS, s.buckets), s.seconds_sum)
+            sync_dur.add_metric([name], _buckets(s.duration), s.duration.total)
+            readthrough.add_metric([name], _buckets(rt := sv.fetcher.batch_duration.snapshot()),
+                                   rt.total)
             sync_bytes.add_metric([name], s.bytes)
             if s.last_commit_unix is not None:
                 last_commit.add_metric([name], s.last_commit_unix)
@@ -145,7 +157,7 @@ class DaemonCollector:
         if self.bounds:
             yield io_lat
         yield from (inflight, wal, budget, dirty, size, conns, cached, hits, misses, evicted,
-                    syncs, sync_dur, sync_bytes, last_commit, version)
+                    syncs, sync_dur, sync_bytes, last_commit, readthrough, version)
         yield from self._store()
         yield from self._handoff()
 
@@ -165,15 +177,21 @@ class DaemonCollector:
             req.add_metric([op], o.requests)
             err.add_metric([op], o.errors)
             nbytes.add_metric([op], o.bytes)
-            lat.add_metric([op], _cumulative(STORE_BUCKETS, o.buckets), o.seconds_sum)
+            lat.add_metric([op], _buckets(o.duration), o.duration.total)
         yield from (req, err, nbytes, lat)
 
     def _handoff(self) -> Iterator[Metric]:
-        # Declared now so dashboards can be built before the handoff exists.
+        # Declared now, at zero, so dashboards and alerts can be built before
+        # the handoff exists.
         total = CounterMetricFamily("glidefs_handoffs", "handoffs by result", labels=["result"])
         for result in ("ok", "aborted", "failed"):
             total.add_metric([result], 0)
         yield total
+        for name, what in (("glidefs_handoff_duration_seconds", "handoff duration"),
+                           ("glidefs_handoff_stall_seconds", "longest I/O stall in a handoff")):
+            h = HistogramMetricFamily(name, what)
+            h.add_metric([], _cumulative(HANDOFF_BUCKETS, [0] * (len(HANDOFF_BUCKETS) + 1)), 0.0)
+            yield h
 
 
 class Metrics:
@@ -186,3 +204,25 @@ class Metrics:
     async def scrape(self) -> tuple[bytes, str]:
         body = await asyncio.to_thread(generate_latest, self.registry)
         return body, CONTENT_TYPE_LATEST
+
+
+def write_gc_textfile(path: str, report: Any, seconds: float, ok: bool) -> None:  # noqa: ANN401
+    """`glidefs gc --metrics-file`: the run's outcome for node_exporter's
+    textfile collector (a one-shot command has no endpoint to scrape).
+    prometheus-client writes it atomically (temp file, rename)."""
+    from prometheus_client import Gauge, write_to_textfile
+
+    reg = CollectorRegistry(auto_describe=False)
+
+    def gauge(name: str, text: str, value: float) -> None:
+        Gauge(name, text, registry=reg).set(value)
+
+    gauge("glidefs_gc_last_run_timestamp_seconds", "when the last gc run ended", time.time())
+    gauge("glidefs_gc_last_run_success", "1 if the last gc run finished", 1 if ok else 0)
+    gauge("glidefs_gc_last_run_duration_seconds", "how long the last gc run took", seconds)
+    gauge("glidefs_gc_deleted_objects", "objects the last gc run deleted", report.deleted)
+    gauge("glidefs_gc_deleted_bytes", "bytes the last gc run deleted", report.deleted_bytes)
+    gauge("glidefs_gc_kept_young_objects", "unreachable objects kept for the grace period",
+          report.kept_young)
+    gauge("glidefs_gc_reachable_objects", "objects some volume root reaches", report.reachable)
+    write_to_textfile(path, reg)

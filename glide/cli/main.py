@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from glide.config import (
     validate,
 )
 from glide.errors import GlideError
+from glide.progress import Progress
 
 log = logging.getLogger("glide.cli")
 
@@ -91,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("gc", help="delete store objects no volume reaches")
     _common(g)
     g.add_argument("--dry-run", action="store_true", help="report, delete nothing")
+    g.add_argument("--metrics-file", metavar="PATH",
+                   help="also write the run's outcome here in Prometheus text format "
+                        "(for node_exporter's textfile collector; PATH should end in .prom)")
     g.add_argument("--grace", default="1h",
                    help="keep unreachable objects younger than this (default 1h; more than "
                         "twice the commit deadline)")
@@ -206,8 +212,10 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    from glide.api.metrics import write_gc_textfile
     from glide.repo.gc import GcStopped, GraceTooShort, check_grace, collect_garbage
     from glide.store import from_config
+    from glide.store.metered import MeteredStore
 
     try:
         cfg = _base_config(args)
@@ -223,16 +231,37 @@ def cmd_gc(args: argparse.Namespace) -> int:
         return 2
 
     def gc() -> int:
-        store = from_config(cfg.store, cfg.data_dir.absolute())
+        store = MeteredStore(from_config(cfg.store, cfg.data_dir.absolute()))
+        progress = Progress("gc: objects deleted" if not args.dry_run else "gc: objects read",
+                            None, unit="objects")
+        done = threading.Event()
+
+        def watch() -> None:  # deletions (or reads, dry) as they happen
+            while not done.wait(0.25):
+                ops = store.snapshot()
+                progress.update(ops["delete"].requests if not args.dry_run
+                                else ops["get"].requests + ops["head"].requests)
+
+        watcher = threading.Thread(target=watch, name="gc-progress", daemon=True)
+        watcher.start()
+        t0 = time.monotonic()
         try:
             report = collect_garbage(store, grace=grace, commit_deadline=deadline,
                                      dry_run=args.dry_run)
         except GcStopped as e:
+            if args.metrics_file:
+                write_gc_textfile(args.metrics_file, e.report, time.monotonic() - t0, False)
             print(e.report.summary())
             print(f"glidefs: {e}", file=sys.stderr)
             return 1
         finally:
+            done.set()
+            watcher.join()
             store.close()
+        if args.metrics_file:
+            write_gc_textfile(args.metrics_file, report, time.monotonic() - t0, True)
+        if progress.done:
+            progress.finish()
         print(report.summary())
         return 0
 

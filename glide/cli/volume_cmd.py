@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from glide.cli.client import AdminClient
-from glide.cli.progress import Progress, human_bytes, human_seconds
 from glide.config import Config, load_file, parse_size
 from glide.errors import GlideError
+from glide.progress import Progress, human_bytes, human_seconds
 
 
 def add_client_args(p: argparse.ArgumentParser) -> None:
@@ -125,7 +125,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     """Online sync, with progress from the volume's dirty bytes while it runs."""
     client = client_from_args(args)
     before = client.request("GET", f"/v1/volumes/{args.name}")
-    total = before["dirty_bytes"]
+    total = before["dirty_bytes"]  # until the sync's own count is known
     result: dict[str, Any] = {}
     failure: list[BaseException] = []
 
@@ -143,7 +143,9 @@ def cmd_sync(args: argparse.Namespace) -> int:
         if progress is not None and t.is_alive():
             try:
                 now = client.request("GET", f"/v1/volumes/{args.name}")
-                progress.update(max(0, total - now["dirty_bytes"]))
+                p = now.get("sync_progress")
+                if p:
+                    progress.update(p["blocks_done"] * 4096, p["blocks_total"] * 4096)
             except GlideError:
                 pass
     if failure:

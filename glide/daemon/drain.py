@@ -2,12 +2,38 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 from glide.config import Config, VolumeConfig
 from glide.daemon.lock import DataDirInUse, DataDirLock
+from glide.progress import Progress
 from glide.store import from_config
+from glide.volume.flusher import FlushStats
 from glide.volume.served import ServedVolume, store_identity
+
+
+def watch_sync(sv: ServedVolume, label: str) -> FlushStats | None:
+    """One sync of `sv` on this thread, with its progress (blocks packed,
+    rate, ETA) drawn on a terminal or printed as plain lines elsewhere."""
+    progress = Progress(label, None)
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.25):
+            total = sv.flusher.progress_total
+            if total:
+                progress.update(sv.flusher.progress_done * 4096, total * 4096)
+
+    t = threading.Thread(target=watch, name="drain-progress", daemon=True)
+    t.start()
+    try:
+        return sv.flush()
+    finally:
+        done.set()
+        t.join()
+        if progress.total:
+            progress.finish()
 
 
 def drain_volume(cfg: Config, vc: VolumeConfig, say: Callable[[str], None]) -> int:
@@ -31,7 +57,7 @@ def drain_volume(cfg: Config, vc: VolumeConfig, say: Callable[[str], None]) -> i
                 f"to flush to {cfg.store.describe(cfg.data_dir)}")
             total = 0
             while sv.needs_adopt or sv.dirty_blocks():
-                st = sv.flush()
+                st = watch_sync(sv, f"drain {vc.name}")
                 if st is None:
                     break
                 total += st.blocks

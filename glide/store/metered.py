@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import threading
 import time
-from bisect import bisect_left
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from glide.histogram import Histogram, HistogramSnapshot
 from glide.store.base import (
     Data,
     ForwardingStore,
@@ -37,8 +37,15 @@ class OpCounters:
     requests: int = 0
     errors: int = 0
     bytes: int = 0
-    buckets: list[int] = field(default_factory=lambda: [0] * (len(STORE_BUCKETS) + 1))
-    seconds_sum: float = 0.0
+    duration: Histogram = field(default_factory=lambda: Histogram(STORE_BUCKETS))
+
+
+@dataclass(frozen=True)
+class OpSnapshot:
+    requests: int
+    errors: int
+    bytes: int
+    duration: HistogramSnapshot
 
 
 class MeteredStore(ForwardingStore):
@@ -48,19 +55,17 @@ class MeteredStore(ForwardingStore):
         self.ops = {op: OpCounters() for op in OPS}
 
     def _count(self, op: str, t0: float, nbytes: int, error: bool) -> None:
-        dt = time.monotonic() - t0
+        c = self.ops[op]
+        c.duration.observe(time.monotonic() - t0)
         with self._lock:
-            c = self.ops[op]
             c.requests += 1
             c.errors += error
             c.bytes += nbytes
-            c.buckets[bisect_left(STORE_BUCKETS, dt)] += 1
-            c.seconds_sum += dt
 
-    def snapshot(self) -> dict[str, OpCounters]:
+    def snapshot(self) -> dict[str, OpSnapshot]:
         with self._lock:
-            return {op: OpCounters(c.requests, c.errors, c.bytes, list(c.buckets),
-                                   c.seconds_sum) for op, c in self.ops.items()}
+            return {op: OpSnapshot(c.requests, c.errors, c.bytes, c.duration.snapshot())
+                    for op, c in self.ops.items()}
 
     def get_with_info(
         self, key: str, start: int | None = None, end: int | None = None

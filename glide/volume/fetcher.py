@@ -28,6 +28,7 @@ from collections import OrderedDict, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 from glide import _native
+from glide.histogram import Histogram
 from glide.repo.manifest import Location, Manifest
 from glide.repo.pack import CorruptBlock, FormatError, PackIndex, read_blocks, read_index
 from glide.store.base import ObjectStore, StoreError, StoreUnavailable
@@ -35,6 +36,8 @@ from glide.store.base import ObjectStore, StoreError, StoreUnavailable
 log = logging.getLogger("glide.fetcher")
 
 ZERO_BLOCK = bytes(4096)
+READTHROUGH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
+                       30.0)
 
 
 class Fetcher:
@@ -62,6 +65,7 @@ class Fetcher:
         self.failed = 0
         self._stop_r, self._stop_w = os.pipe()
         self._thread: threading.Thread | None = None
+        self.batch_duration = Histogram(READTHROUGH_BUCKETS)
 
     # ---- lifecycle ----
 
@@ -92,6 +96,14 @@ class Fetcher:
         lbas = self.volume.take_misses(max_blocks)
         if not lbas:
             return 0
+        t0 = time.monotonic()
+        try:
+            self._resolve(lbas)
+        finally:
+            self.batch_duration.observe(time.monotonic() - t0)
+        return len(lbas)
+
+    def _resolve(self, lbas: list[int]) -> None:
         by_pack: dict[Location | None, list[tuple[int, int]]] = defaultdict(list)
         for lba in lbas:
             try:
@@ -109,7 +121,6 @@ class Fetcher:
         futures = [self.pool.submit(self._fetch_pack, k, v) for k, v in by_pack.items()]
         for f in futures:
             f.result()
-        return len(lbas)
 
     def _index(self, loc: Location) -> PackIndex:
         with self.lock:

@@ -137,6 +137,10 @@ class Flusher:
         # keeps them and the next commit writes them unless it re-applies
         # every one of these blocks.
         self._stale: tuple[float, list[int]] | None = None
+        # Progress of the running cycle, read by other threads for display
+        # (plain ints: a torn read is impossible and staleness is harmless).
+        self.progress_done = 0  # blocks packed so far
+        self.progress_total = 0  # blocks the cycle covers; 0 when idle
 
     def flush_once(self) -> FlushStats | None:
         """One cycle; None when nothing was dirty. Raises on any failure
@@ -197,6 +201,7 @@ class Flusher:
                 t0: float) -> FlushStats:
         vol = self.volume
         data_kind = _native.WAL_KIND_DATA
+        self.progress_done, self.progress_total = 0, len(blocks)
         # Zeroed and trimmed blocks are never stored: the manifest maps them
         # to zeros. Data blocks that turn out to be all zeros do too: a whole
         # chunk of them joins `zeros`, others stay in their pack as entry -1.
@@ -231,6 +236,7 @@ class Flusher:
                 for n, lbas in enumerate(chunks):
                     assert building is not None
                     fp, entries = building.result()
+                    self.progress_done += len(lbas)
                     building = builder.submit(build, chunks[n + 1]) if n + 1 < len(chunks) else None
                     if fp is None:  # every block of the chunk was zeros
                         zeros += lbas

@@ -71,8 +71,6 @@ class VolumeConflict(Conflict):
     """The local cache and the store disagree in a way only an operator may
     settle; the message says what and how."""
 
-    exit_code = 2
-
 
 def store_identity(store: ObjectStore) -> str:
     """The store's own id (an object created once, If-None-Match), so a data
@@ -287,6 +285,8 @@ class ServedVolume:
             except BaseException as e:
                 self.sync_stats.record(time.monotonic() - t0, ok=False, error=str(e))
                 raise
+            finally:
+                self.flusher.progress_total = self.flusher.progress_done = 0
             self.sync_stats.record(time.monotonic() - t0, ok=True,
                                    nbytes=0 if st is None else st.blocks * BLOCK,
                                    committed=st is not None)

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import threading
 import time
-from bisect import bisect_left
 from dataclasses import dataclass, field
+
+from glide.histogram import Histogram, HistogramSnapshot
 
 # Upper bounds in seconds; a sync takes milliseconds to minutes.
 SYNC_BUCKETS: tuple[float, ...] = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -26,8 +27,7 @@ class SyncSnapshot:
     ok: int
     failed: int
     bytes: int  # guest bytes covered by successful syncs (dirty blocks × 4096)
-    buckets: tuple[int, ...]  # non-cumulative, len(SYNC_BUCKETS) + 1
-    seconds_sum: float
+    duration: HistogramSnapshot
     last_commit_unix: float | None  # wall-clock time of the last committed version
     last_error: str | None
 
@@ -38,13 +38,13 @@ class SyncStats:
     ok: int = 0
     failed: int = 0
     bytes: int = 0
-    buckets: list[int] = field(default_factory=lambda: [0] * (len(SYNC_BUCKETS) + 1))
-    seconds_sum: float = 0.0
+    duration: Histogram = field(default_factory=lambda: Histogram(SYNC_BUCKETS))
     last_commit_unix: float | None = None
     last_error: str | None = None
 
     def record(self, seconds: float, *, ok: bool, nbytes: int = 0,
                committed: bool = False, error: str | None = None) -> None:
+        self.duration.observe(seconds)
         with self._lock:
             if ok:
                 self.ok += 1
@@ -53,8 +53,6 @@ class SyncStats:
             else:
                 self.failed += 1
                 self.last_error = error
-            self.buckets[bisect_left(SYNC_BUCKETS, seconds)] += 1
-            self.seconds_sum += seconds
             if committed:
                 self.last_commit_unix = time.time()
 
@@ -65,5 +63,5 @@ class SyncStats:
 
     def snapshot(self) -> SyncSnapshot:
         with self._lock:
-            return SyncSnapshot(self.ok, self.failed, self.bytes, tuple(self.buckets),
-                                self.seconds_sum, self.last_commit_unix, self.last_error)
+            return SyncSnapshot(self.ok, self.failed, self.bytes, self.duration.snapshot(),
+                                self.last_commit_unix, self.last_error)

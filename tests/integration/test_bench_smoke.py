@@ -103,3 +103,17 @@ def test_cold_read_bench_smoke(tmp_short: Path) -> None:
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| store | cold p50 | cold p99 | warm p50 | warm p99 |"), table
     assert [row.split("|")[1].strip() for row in table[1:]] == ["local", "s3"], table
+
+
+def test_metrics_bench_quick(tmp_short: Path) -> None:
+    """bench/metrics_bench.py --quick end to end (no timing is judged)."""
+    out = tmp_short / "metrics.json"
+    cmd = [sys.executable, str(REPO / "bench" / "metrics_bench.py"), "--quick",
+           "--dir", str(tmp_short / "work"), "--json", str(out)]
+    proc = _run_bench(cmd, tmp_short, timeout=300)
+    doc = json.loads(out.read_text())
+    for name in ("randread-4k-qd32", "randwrite-4k-qd32"):
+        r = doc["tests"][name]
+        assert r["off"] and r["on"] and all(v > 0 for v in r["off"] + r["on"]), r
+    assert doc["scrape"]["volumes"] == 5 and doc["scrape"]["bytes"] > 0
+    assert "| test | IOPS, no scrape | IOPS, scraped | scraped/none |" in proc.stdout
