@@ -144,3 +144,47 @@ def test_example_config_in_deploy_is_valid() -> None:
     validate(cfg)
     assert [v.name for v in cfg.volumes] == ["vm1", "db1"]
     assert cfg.volumes[0].ublk and cfg.volumes[0].ublk_id == 0
+
+
+def test_api_and_log_sections(tmp_path: Path) -> None:
+    tf = tmp_path / "token"
+    p = tmp_path / "c.toml"
+    p.write_text(f'[api]\nlisten = "127.0.0.1:9810"\ntoken_file = "{tf}"\n'
+                 '[log]\nformat = "json"\n')
+    cfg = load_file(p)
+    validate(cfg)
+    assert cfg.api.listen == "127.0.0.1:9810" and cfg.api.token_file == tf
+    assert cfg.log_format == "json"
+    assert cfg.admin_socket_path() == str(cfg.data_dir / "admin.sock")
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[api]\nlisten = "127.0.0.1:9810"\n', "needs api.token_file"),
+    ('[api]\nlisten = "nowhere"\ntoken_file = "/t"\n', "HOST:PORT"),
+    ('[api]\nport = 1\n', "unknown keys in [api]"),
+    ('[log]\nformat = "xml"\n', "log format must be text or json"),
+    ('[log]\nlevel = "debug"\n', "unknown keys in [log]"),
+])
+def test_api_and_log_errors(tmp_path: Path, text: str, message: str) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        validate(load_file(p))
+
+
+def test_api_flags(tmp_path: Path) -> None:
+    args = build_parser().parse_args([
+        "serve", "--data-dir", str(tmp_path), "--api-listen", "127.0.0.1:9811",
+        "--api-token-file", str(tmp_path / "t"), "--log-format", "json"])
+    cfg = config_from_args(args)
+    assert cfg.api.listen == "127.0.0.1:9811" and cfg.log_format == "json"
+    args = build_parser().parse_args(["serve", "--data-dir", str(tmp_path),
+                                      "--api-listen", "127.0.0.1:9811"])
+    with pytest.raises(ConfigError, match="never served on TCP without a bearer token"):
+        config_from_args(args)
+
+
+def test_admin_socket_path_too_long(tmp_path: Path) -> None:
+    cfg = Config(data_dir=tmp_path / ("x" * 100), nbd_unix="/tmp/short.sock")
+    with pytest.raises(ConfigError, match="admin socket path"):
+        validate(cfg)
