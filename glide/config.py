@@ -16,12 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from glide.errors import ConfigError
+from glide.repo.deadline import DEFAULT_COMMIT_DEADLINE
 
 BLOCK_SIZE = 4096
 DEFAULT_TCP = "127.0.0.1:10809"
-# A flush commits only packs it uploaded less than this long ago, and GC
-# keeps unreachable objects for more than twice as long (glide/repo/gc.py).
-DEFAULT_COMMIT_DEADLINE = 600.0
 VOLUME_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(i?B)?\s*$", re.IGNORECASE)
@@ -97,7 +95,7 @@ class StoreConfig:
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
     max_attempts: int = 5
-    commit_deadline: float = DEFAULT_COMMIT_DEADLINE  # both kinds; see glide/volume/flusher.py
+    commit_deadline: float = DEFAULT_COMMIT_DEADLINE  # both kinds; see glide/repo/deadline.py
 
     def describe(self, data_dir: Path) -> str:
         if self.kind == "local":

@@ -9,30 +9,14 @@ Invariants:
     the store's conditional DELETE (`if_unmodified_since`), so a flush that
     re-uploads an old unreachable object (same content, same key, fresh
     last-modified) keeps it;
-  - an object is taken to be 1 s younger than its last-modified says
-    (TIMESTAMP_RESOLUTION): S3 keeps whole seconds, so a pack uploaded at
-    12:00:00.9 says 12:00:00. Without that allowance a 1 s grace period let
-    GC delete a pack uploaded 0.13 s before it started, which a flush then
-    committed (seen in test_gc_keeps_everything_reachable_under_concurrent_
-    flushes on S3);
+  - an object is taken to be TIMESTAMP_RESOLUTION (1 s) younger than its
+    last-modified says (S3 keeps whole seconds);
   - the grace period exceeds twice the flushers' commit deadline (else
-    GraceTooShort, before anything is read). Why that is enough: roots are
-    read before objects are listed, so a root GC did not see lands after GC
-    started; a flush sends no PUT of its commit once `commit_deadline` has
-    passed since the first upload of a pack it names began
-    (glide/volume/flusher.py), so every object such a root reaches that GC's roots
-    do not was written at most commit_deadline (plus the last PUT's time in
-    flight, plus clock skew between this host and the store) before GC
-    started: younger than the grace period. The margin beyond one deadline,
-    one more deadline, is for that PUT in flight and that skew, so the
-    deadline must stay well above the store's request timeouts and the
-    clocks in sync (the default 10 min against 35 s of S3 timeouts);
-  - deletions stop (GcStopped, between two objects) once more than
-    grace - 2 x commit_deadline has passed since the roots were read. The
-    cutoff is fixed before the roots are read, so the argument above does
-    not depend on how long GC runs; the bound keeps it true even judged at
-    each deletion, for what the argument does not model (a GC process
-    paused for hours, later features that reference old objects);
+    GraceTooShort, before anything is read), and deletions stop (GcStopped,
+    between two objects) once more than grace - 2 x commit_deadline has
+    passed since the roots were read. Why that is enough is the commit-
+    deadline contract, glide/repo/deadline.py. The cutoff is fixed before
+    the roots are read, so the argument does not depend on how long GC runs;
   - a damaged or unreadable root or tree stops the whole collection before
     anything is deleted: a tree that cannot be read could look small;
   - only `packs/` and `nodes/` are ever collected: roots, the store id and
@@ -56,27 +40,28 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from glide.config import DEFAULT_COMMIT_DEADLINE
-from glide.errors import GlideError, UsageError
+from glide.errors import GlideError
+from glide.repo.deadline import (
+    DEFAULT_COMMIT_DEADLINE,
+    TIMESTAMP_RESOLUTION,
+    GraceTooShort,
+    check_grace,
+    deadline_clock,
+    deletion_window,
+)
 from glide.repo.manifest import NODE_PREFIX, VOLUME_PREFIX, Root
 from glide.repo.pack import PACK_PREFIX
 from glide.repo.reach import reachable_keys
 from glide.store.base import NotFound, ObjectStore, PreconditionFailed
-from glide.volume.flusher import deadline_clock
+
+# GraceTooShort, check_grace and TIMESTAMP_RESOLUTION are GC's interface too
+# (the CLI and tests import them from here); they live in glide/repo/deadline.py.
+__all__ = ["DEFAULT_GRACE", "TIMESTAMP_RESOLUTION", "GcReport", "GcStopped", "GraceTooShort",
+           "check_grace", "collect_garbage", "live_roots"]
 
 log = logging.getLogger("glide.gc")
 
 DEFAULT_GRACE = 3600.0
-TIMESTAMP_RESOLUTION = 1.0
-
-
-def min_grace(commit_deadline: float) -> float:
-    """The grace period must exceed this (see the module docstring)."""
-    return 2 * commit_deadline
-
-
-class GraceTooShort(UsageError, ValueError):
-    """GC would not be safe with this grace period and commit deadline."""
 
 
 class GcStopped(GlideError):
@@ -108,21 +93,6 @@ class GcReport:
                 f"{verb} {self.deleted} ({self.deleted_bytes} bytes)")
 
 
-def check_grace(grace: float, commit_deadline: float) -> None:
-    """Raises GraceTooShort unless `grace` is safe with `commit_deadline`."""
-    if not commit_deadline > 0:
-        raise GraceTooShort(f"the commit deadline must be positive, got {commit_deadline!r}")
-    need = min_grace(commit_deadline)
-    if not grace > need:
-        raise GraceTooShort(
-            f"a grace period of {grace:g}s is not safe with a commit deadline of "
-            f"{commit_deadline:g}s: a flush may commit packs it uploaded up to "
-            f"{commit_deadline:g}s earlier, and GC needs as much again for the last request in "
-            f"flight and clock skew, so the grace period must exceed {need:g}s. Use a longer "
-            f"--grace; if the daemons run with a shorter [store] commit_deadline, give gc "
-            f"their config (--config) or --commit-deadline")
-
-
 def live_roots(store: ObjectStore) -> list[Root]:
     roots = []
     for info in store.list(VOLUME_PREFIX):
@@ -148,7 +118,7 @@ def collect_garbage(store: ObjectStore, *, grace: float = DEFAULT_GRACE,
     started = datetime.now(UTC)
     roots_read = deadline_clock()  # before: the bound counts from the oldest root
     cutoff = started - timedelta(seconds=grace + TIMESTAMP_RESOLUTION)
-    max_run = grace - min_grace(commit_deadline)
+    max_run = deletion_window(grace, commit_deadline)
     roots = live_roots(store)
     reachable: set[str] = set()
     for root in roots:

@@ -19,10 +19,9 @@ Invariants:
   - REMOTE bits are set only after the commit, and the checkpoint that
     persists them comes after that; a crash in between replays the WAL and
     the next flush recommits the same content;
-  - the commit deadline: no PUT of a commit (nodes, root) is sent once
-    `commit_deadline` seconds have passed since the first upload of a pack
-    it references began. GC keeps unreachable objects for more than twice
-    that (glide/repo/gc.py), so it cannot have deleted a pack a commit names. A
+  - the commit deadline (glide/repo/deadline.py, the contract with GC):
+    no PUT of a commit (nodes, root) is sent once `commit_deadline` seconds
+    have passed since the first upload of a pack it references began. A
     refused commit raises CommitDeadlineExceeded: nothing committed, the
     blocks stay DIRTY, the scheduler retries with fresh uploads. Changes a
     failed commit left applied to the manifest ride along with the next
@@ -46,10 +45,10 @@ from itertools import compress, islice
 from operator import itemgetter
 
 from glide import _native
-from glide.config import DEFAULT_COMMIT_DEADLINE
+from glide.repo.deadline import DEFAULT_COMMIT_DEADLINE, CommitDeadlineExceeded, deadline_clock
 from glide.repo.manifest import Manifest, PackBlocks
 from glide.repo.pack import AS_OF_CURRENT, FinishedPack, build_pack
-from glide.store.base import Data, ForwardingStore, ObjectStore, StoreError
+from glide.store.base import Data, ForwardingStore, ObjectStore
 
 log = logging.getLogger("glide.flusher")
 
@@ -61,21 +60,6 @@ BUILD_THREADS = max(1, min(8, len(os.sched_getaffinity(0))))
 # Blocks per adopt_local commit (1 GiB): adopting a whole volume in one
 # commit could take longer than the commit deadline on a slow link, forever.
 ADOPT_COMMIT_BLOCKS = 1 << 18
-
-
-class CommitDeadlineExceeded(StoreError):
-    """A flush's packs are too old to commit (GC may be deleting them).
-
-    Not the store's fault, but a StoreError so that everything that handles
-    a failed flush (scheduler, shutdown, drain) handles this one the same
-    way: nothing was committed, the blocks stay DIRTY, retry later."""
-
-
-def deadline_clock() -> float:
-    # CLOCK_BOOTTIME rather than CLOCK_MONOTONIC: the monotonic clock stops
-    # while the host is suspended, and a flush that slept through GC's grace
-    # period must be refused all the same.
-    return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 @dataclass

@@ -40,8 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from glide import _native
-from glide.config import DEFAULT_COMMIT_DEADLINE, Config, VolumeConfig
+from glide.config import Config, VolumeConfig
 from glide.errors import Conflict
+from glide.repo.deadline import DEFAULT_COMMIT_DEADLINE
 from glide.repo.manifest import Manifest
 from glide.store.base import NotFound, ObjectStore, PreconditionFailed
 from glide.volume.fetcher import Fetcher
