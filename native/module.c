@@ -23,7 +23,10 @@ typedef struct {
     PyObject_HEAD
     struct volume *v;
     struct ublk_device *ublk; /* at most one kernel device per volume */
+    PyObject *final_metrics;  /* metrics() as of close: counters outlive the C volume */
 } VolumeObject;
+
+static PyObject *metrics_dict(struct volume *v);
 
 static PyObject *raise_errno(int rc, const char *what) {
     errno = rc < 0 ? -rc : rc;
@@ -73,12 +76,21 @@ static void close_volume(VolumeObject *self) {
     Py_BEGIN_ALLOW_THREADS
     if (u) ublk_detach(u); /* the device stays for the next daemon */
     nbd_conns_shutdown(v, 5000);
+    Py_END_ALLOW_THREADS
+    /* every request has been answered: these are the final counts */
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb); /* dealloc may run with an exception set */
+    Py_XSETREF(self->final_metrics, metrics_dict(v));
+    PyErr_Clear();
+    PyErr_Restore(et, ev, tb);
+    Py_BEGIN_ALLOW_THREADS
     volume_close(v);
     Py_END_ALLOW_THREADS
 }
 
 static void Volume_dealloc(VolumeObject *self) {
     close_volume(self);
+    Py_CLEAR(self->final_metrics);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -96,18 +108,21 @@ static PyObject *Volume_read(VolumeObject *self, PyObject *args) {
     int rc;
     char *buf = PyBytes_AS_STRING(out);
     Py_BEGIN_ALLOW_THREADS
+    uint64_t t0 = io_begin(&self->v->io, IO_READ);
     rc = volume_read(self->v, off, len, buf);
+    io_end(&self->v->io, IO_READ, t0, len, rc != 0);
     Py_END_ALLOW_THREADS
     if (rc) { Py_DECREF(out); return raise_errno(rc, "read"); }
     return out;
 }
 
-static PyObject *sync_if(VolumeObject *self, int rc, uint64_t seq, int fua, const char *what) {
-    if (!rc && fua && seq) {
-        Py_BEGIN_ALLOW_THREADS
-        rc = wal_sync_wait(&self->v->wal, seq);
-        Py_END_ALLOW_THREADS
-    }
+/* Completes a write-like call started at t0: its FUA wait, its metrics. */
+static PyObject *sync_if(VolumeObject *self, int rc, uint64_t seq, int fua, const char *what, int op, uint64_t t0,
+                         uint64_t bytes) {
+    Py_BEGIN_ALLOW_THREADS
+    if (!rc && fua && seq) rc = wal_sync_wait(&self->v->wal, seq);
+    io_end(&self->v->io, op, t0, bytes, rc != 0);
+    Py_END_ALLOW_THREADS
     if (rc) return raise_errno(rc, what);
     return PyLong_FromUnsignedLongLong(seq);
 }
@@ -119,13 +134,14 @@ static PyObject *Volume_write(VolumeObject *self, PyObject *args, PyObject *kw) 
     int fua = 0;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "Ky*|p", kwlist, &off, &data, &fua)) return NULL;
     if (check_open(self)) { PyBuffer_Release(&data); return NULL; }
-    uint64_t seq = 0;
+    uint64_t seq = 0, t0, len = (uint64_t)data.len;
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = volume_write(self->v, off, (uint64_t)data.len, data.buf, &seq);
+    t0 = io_begin(&self->v->io, IO_WRITE);
+    rc = volume_write(self->v, off, len, data.buf, &seq);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&data);
-    return sync_if(self, rc, seq, fua, "write");
+    return sync_if(self, rc, seq, fua, "write", IO_WRITE, t0, len);
 }
 
 static PyObject *Volume_trim(VolumeObject *self, PyObject *args, PyObject *kw) {
@@ -133,12 +149,13 @@ static PyObject *Volume_trim(VolumeObject *self, PyObject *args, PyObject *kw) {
     unsigned long long off, len;
     int fua = 0;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "KK|p", kwlist, &off, &len, &fua) || check_open(self)) return NULL;
-    uint64_t seq = 0;
+    uint64_t seq = 0, t0;
     int rc;
     Py_BEGIN_ALLOW_THREADS
+    t0 = io_begin(&self->v->io, IO_TRIM);
     rc = volume_trim(self->v, off, len, &seq);
     Py_END_ALLOW_THREADS
-    return sync_if(self, rc, seq, fua, "trim");
+    return sync_if(self, rc, seq, fua, "trim", IO_TRIM, t0, len);
 }
 
 static PyObject *Volume_write_zeroes(VolumeObject *self, PyObject *args, PyObject *kw) {
@@ -147,19 +164,22 @@ static PyObject *Volume_write_zeroes(VolumeObject *self, PyObject *args, PyObjec
     int no_hole = 0, fua = 0;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "KK|pp", kwlist, &off, &len, &no_hole, &fua) || check_open(self))
         return NULL;
-    uint64_t seq = 0;
+    uint64_t seq = 0, t0;
     int rc;
     Py_BEGIN_ALLOW_THREADS
+    t0 = io_begin(&self->v->io, IO_WRITE_ZEROES);
     rc = volume_write_zeroes(self->v, off, len, no_hole, &seq);
     Py_END_ALLOW_THREADS
-    return sync_if(self, rc, seq, fua, "write_zeroes");
+    return sync_if(self, rc, seq, fua, "write_zeroes", IO_WRITE_ZEROES, t0, len);
 }
 
 static PyObject *Volume_flush(VolumeObject *self, PyObject *Py_UNUSED(ignored)) {
     if (check_open(self)) return NULL;
     int rc;
     Py_BEGIN_ALLOW_THREADS
+    uint64_t t0 = io_begin(&self->v->io, IO_FLUSH);
     rc = volume_flush(self->v);
+    io_end(&self->v->io, IO_FLUSH, t0, 0, rc != 0);
     Py_END_ALLOW_THREADS
     if (rc) return raise_errno(rc, "flush");
     Py_RETURN_NONE;
@@ -529,6 +549,47 @@ static PyObject *Volume_stats(VolumeObject *self, PyObject *Py_UNUSED(ignored)) 
 #undef U
 }
 
+static const char *const io_op_names[IO_NOPS] = {"read", "write", "flush", "trim", "write_zeroes"};
+
+/* Relaxed reads of counters that only grow: each value is one that was true
+ * at some instant of the call; requests is the sum of the buckets read. */
+static PyObject *metrics_dict(struct volume *v) {
+    PyObject *ops = PyDict_New();
+    for (int o = 0; ops && o < IO_NOPS; o++) {
+        struct io_op_counters *c = &v->io.op[o];
+        PyObject *b = PyTuple_New(IO_LAT_BOUNDS + 1);
+        unsigned long long requests = 0;
+        for (int i = 0; b && i <= IO_LAT_BOUNDS; i++) {
+            unsigned long long n = atomic_load_explicit(&c->buckets[i], memory_order_relaxed);
+            requests += n;
+            PyObject *x = PyLong_FromUnsignedLongLong(n);
+            if (!x) { Py_CLEAR(b); break; }
+            PyTuple_SET_ITEM(b, i, x);
+        }
+        PyObject *d = b ? Py_BuildValue("{s:K,s:K,s:K,s:N,s:K}", "requests", requests, "bytes",
+                                        (unsigned long long)atomic_load_explicit(&c->bytes, memory_order_relaxed),
+                                        "errors",
+                                        (unsigned long long)atomic_load_explicit(&c->errors, memory_order_relaxed),
+                                        "buckets", b, "sum_ns",
+                                        (unsigned long long)atomic_load_explicit(&c->sum_ns, memory_order_relaxed))
+                        : NULL;
+        if (!d || PyDict_SetItemString(ops, io_op_names[o], d) < 0) Py_CLEAR(ops);
+        Py_XDECREF(d);
+    }
+    if (!ops) return NULL;
+    long inflight = atomic_load_explicit(&v->io.inflight, memory_order_relaxed);
+    return Py_BuildValue("{s:N,s:l,s:K,s:K,s:K}", "ops", ops, "inflight", inflight < 0 ? 0 : inflight,
+                         "cache_hits", (unsigned long long)atomic_load(&v->cache_hits), "cache_misses",
+                         (unsigned long long)atomic_load(&v->misses), "cache_evicted_bytes",
+                         (unsigned long long)atomic_load(&v->evictions) * GLIDE_BLOCK_SIZE);
+}
+
+static PyObject *Volume_metrics(VolumeObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (!self->v && self->final_metrics) return Py_NewRef(self->final_metrics);
+    if (check_open(self)) return NULL;
+    return metrics_dict(self->v);
+}
+
 static PyObject *Volume_pressure_fd(VolumeObject *self, PyObject *Py_UNUSED(ignored)) {
     if (check_open(self)) return NULL;
     return PyLong_FromLong(self->v->pressure_efd);
@@ -566,6 +627,11 @@ static PyMethodDef Volume_methods[] = {
     {"shutdown_connections", (PyCFunction)Volume_shutdown_connections, METH_VARARGS,
      "shutdown_connections(grace_ms=5000)"},
     {"stats", (PyCFunction)Volume_stats, METH_NOARGS, "Counters and state as a dict."},
+    {"metrics", (PyCFunction)Volume_metrics, METH_NOARGS,
+     "I/O metrics kept in C: {'ops': {op: {requests, bytes, errors, buckets (13 non-cumulative counts: "
+     "LATENCY_BUCKETS then +Inf), sum_ns}}, 'inflight', 'cache_hits', 'cache_misses', "
+     "'cache_evicted_bytes'}; ops are read, write, flush, trim, write_zeroes. Monotonic for the life of the "
+     "object (after close: the final counts)."},
     {"set_remote", (PyCFunction)Volume_set_remote, METH_VARARGS,
      "set_remote(lba, n, on=True): the store's manifest holds these blocks (or not)"},
     {"miss_fd", (PyCFunction)Volume_miss_fd, METH_NOARGS, "eventfd readable while blocks wait for the fetcher"},
@@ -784,5 +850,16 @@ PyMODINIT_FUNC PyInit__native(void) {
     PyModule_AddIntConstant(m, "WAL_KIND_DATA", WAL_KIND_DATA);
     PyModule_AddIntConstant(m, "WAL_KIND_ZERO_HOLE", WAL_KIND_ZERO_HOLE);
     PyModule_AddIntConstant(m, "WAL_KIND_ZERO_ALLOC", WAL_KIND_ZERO_ALLOC);
+    PyObject *bounds = PyTuple_New(IO_LAT_BOUNDS);
+    for (int i = 0; bounds && i < IO_LAT_BOUNDS; i++) {
+        PyObject *x = PyFloat_FromDouble((double)io_lat_bounds_ns[i] / 1e9);
+        if (!x) { Py_CLEAR(bounds); break; }
+        PyTuple_SET_ITEM(bounds, i, x);
+    }
+    if (!bounds || PyModule_AddObject(m, "LATENCY_BUCKETS", bounds) < 0) {
+        Py_XDECREF(bounds);
+        Py_DECREF(m);
+        return NULL;
+    }
     return m;
 }

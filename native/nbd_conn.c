@@ -26,6 +26,8 @@ struct sync_req {
     struct wal_waiter w; /* first: the waiter is cast back to the request */
     struct nbd_conn *c;
     uint64_t handle;
+    uint64_t t0, bytes; /* metrics: the request's start, its size */
+    int op;             /* enum io_op */
     int err;
     struct sync_req *next;
 };
@@ -35,6 +37,7 @@ struct parked_read {
     struct miss_waiter w; /* first: the waiter is cast back to the read */
     struct nbd_conn *c;
     struct nbd_request r;
+    uint64_t t0; /* metrics: when the READ was parsed */
     int err;
     struct parked_read *next;
 };
@@ -128,20 +131,29 @@ static void sync_done(struct wal_waiter *w, int err) {
     pthread_mutex_unlock(&c->mu);
 }
 
-static void reply_when_durable(struct nbd_conn *c, uint64_t handle, uint64_t seq) {
+/* op, bytes, t0: the request's metrics, recorded when the reply is queued. */
+static void reply_when_durable(struct nbd_conn *c, uint64_t handle, uint64_t seq, int op, uint64_t bytes,
+                               uint64_t t0) {
     struct sync_req *s = calloc(1, sizeof *s);
-    if (!s) { reply_simple(c, handle, NBD_ENOMEM); return; }
+    if (!s) {
+        reply_simple(c, handle, NBD_ENOMEM);
+        io_end(&c->v->io, op, t0, 0, 1);
+        return;
+    }
     s->w.target = seq;
     s->w.done = sync_done;
     s->c = c;
     s->handle = handle;
+    s->op = op;
+    s->bytes = bytes;
+    s->t0 = t0;
     pthread_mutex_lock(&c->mu);
     c->pending++;
     pthread_mutex_unlock(&c->mu);
     wal_sync_async(&c->v->wal, &s->w);
 }
 
-static void do_read(struct nbd_conn *c, const struct nbd_request *r);
+static void do_read(struct nbd_conn *c, const struct nbd_request *r, uint64_t t0);
 
 static void drain_completions(struct nbd_conn *c) {
     uint64_t cnt;
@@ -157,6 +169,7 @@ static void drain_completions(struct nbd_conn *c) {
     while (list) {
         struct sync_req *nx = list->next;
         reply_simple(c, list->handle, nbd_errno_to_wire(list->err));
+        io_end(&c->v->io, list->op, list->t0, list->bytes, list->err != 0);
         free(list);
         list = nx;
         k++;
@@ -165,11 +178,16 @@ static void drain_completions(struct nbd_conn *c) {
         struct parked_read *nx = unparked->next;
         struct nbd_request r = unparked->r;
         int err = unparked->err;
+        uint64_t t0 = unparked->t0;
         unparked->next = c->spare;
         c->spare = unparked;
         /* run it again: it may park once more on another block */
-        if (err) reply_error(c, &r, nbd_errno_to_wire(err));
-        else do_read(c, &r);
+        if (err) {
+            reply_error(c, &r, nbd_errno_to_wire(err));
+            io_end(&c->v->io, IO_READ, t0, 0, 1);
+        } else {
+            do_read(c, &r, t0);
+        }
         unparked = nx;
         k++;
     }
@@ -202,7 +220,14 @@ static struct parked_read *get_parked(struct nbd_conn *c) {
     return p;
 }
 
-static void do_read(struct nbd_conn *c, const struct nbd_request *r) {
+static void read_failed(struct nbd_conn *c, const struct nbd_request *r, uint32_t err, uint64_t t0) {
+    reply_error(c, r, err);
+    io_end(&c->v->io, IO_READ, t0, 0, 1);
+}
+
+/* Answers the READ, or parks it (then drain_completions runs it again with
+ * the same t0); its metrics are recorded when an answer is queued. */
+static void do_read(struct nbd_conn *c, const struct nbd_request *r, uint64_t t0) {
     size_t hdr = c->sess.structured ? NBD_CHUNK_HEADER_SIZE + 8 : NBD_SIMPLE_REPLY_SIZE;
     if (r->length == 0) {
         if (c->sess.structured)
@@ -210,6 +235,7 @@ static void do_read(struct nbd_conn *c, const struct nbd_request *r) {
                                     NBD_REPLY_TYPE_NONE, r->handle, 0);
         else
             reply_simple(c, r->handle, 0);
+        io_end(&c->v->io, IO_READ, t0, 0, 0);
         return;
     }
     size_t total = hdr + r->length;
@@ -217,7 +243,7 @@ static void do_read(struct nbd_conn *c, const struct nbd_request *r) {
     int direct = total > OUT_CAP;
     if (direct) {
         flush_out(c);
-        if (ensure_big(c, total) < 0) { reply_error(c, r, NBD_ENOMEM); return; }
+        if (ensure_big(c, total) < 0) { read_failed(c, r, NBD_ENOMEM, t0); return; }
         p = c->big;
     } else {
         p = reserve_out(c, total);
@@ -225,12 +251,13 @@ static void do_read(struct nbd_conn *c, const struct nbd_request *r) {
     struct parked_read *pr = get_parked(c);
     if (!pr) {
         if (!direct) c->out_len -= total;
-        reply_error(c, r, NBD_ENOMEM);
+        read_failed(c, r, NBD_ENOMEM, t0);
         return;
     }
     pr->w.done = read_unparked;
     pr->c = c;
     pr->r = *r;
+    pr->t0 = t0;
     int rc = volume_read_or_park(c->v, r->offset, r->length, p + hdr, &pr->w);
     if (rc == VOLUME_PARKED) {
         /* the reply goes out when the block arrives; the connection goes on */
@@ -244,7 +271,7 @@ static void do_read(struct nbd_conn *c, const struct nbd_request *r) {
     c->spare = pr;
     if (rc) {
         if (!direct) c->out_len -= total;
-        reply_error(c, r, nbd_errno_to_wire(rc));
+        read_failed(c, r, nbd_errno_to_wire(rc), t0);
         return;
     }
     if (c->sess.structured) {
@@ -254,6 +281,7 @@ static void do_read(struct nbd_conn *c, const struct nbd_request *r) {
         nbd_encode_simple_reply(p, r->handle, 0);
     }
     if (direct) send_all(c, p, total);
+    io_end(&c->v->io, IO_READ, t0, r->length, 0);
 }
 
 struct bs_ctx {
@@ -291,36 +319,52 @@ static void do_block_status(struct nbd_conn *c, const struct nbd_request *r) {
     send_all(c, c->big, NBD_CHUNK_HEADER_SIZE + 4 + (size_t)b.n * 8);
 }
 
-static void finish_write(struct nbd_conn *c, const struct nbd_request *r, int rc, uint64_t seq) {
-    if (rc) reply_simple(c, r->handle, nbd_errno_to_wire(rc));
-    else if ((r->flags & NBD_CMD_FLAG_FUA) && seq) reply_when_durable(c, r->handle, seq);
-    else reply_simple(c, r->handle, 0);
+static void finish_write(struct nbd_conn *c, const struct nbd_request *r, int rc, uint64_t seq, int op,
+                         uint64_t t0) {
+    if ((r->flags & NBD_CMD_FLAG_FUA) && seq && !rc) {
+        reply_when_durable(c, r->handle, seq, op, r->length, t0);
+        return;
+    }
+    reply_simple(c, r->handle, nbd_errno_to_wire(rc));
+    io_end(&c->v->io, op, t0, r->length, rc != 0);
 }
 
-static int execute(struct nbd_conn *c, const struct nbd_request *r, const uint8_t *payload) {
+/* Which counters a command feeds (BLOCK_STATUS, CACHE and DISC none). */
+static int io_op_of(uint16_t type) {
+    switch (type) {
+    case NBD_CMD_READ: return IO_READ;
+    case NBD_CMD_WRITE: return IO_WRITE;
+    case NBD_CMD_FLUSH: return IO_FLUSH;
+    case NBD_CMD_TRIM: return IO_TRIM;
+    case NBD_CMD_WRITE_ZEROES: return IO_WRITE_ZEROES;
+    default: return IO_UNCOUNTED;
+    }
+}
+
+static int execute(struct nbd_conn *c, const struct nbd_request *r, const uint8_t *payload, uint64_t t0) {
     uint64_t seq = 0;
     int rc;
     switch (r->type) {
     case NBD_CMD_READ:
-        do_read(c, r);
+        do_read(c, r, t0);
         break;
     case NBD_CMD_WRITE:
         rc = volume_write(c->v, r->offset, r->length, payload, &seq);
-        finish_write(c, r, rc, seq);
+        finish_write(c, r, rc, seq, IO_WRITE, t0);
         break;
     case NBD_CMD_FLUSH:
         atomic_fetch_add(&c->v->st.flushes, 1);
-        reply_when_durable(c, r->handle, wal_last_seq(&c->v->wal));
+        reply_when_durable(c, r->handle, wal_last_seq(&c->v->wal), IO_FLUSH, 0, t0);
         break;
     case NBD_CMD_TRIM:
         rc = volume_trim(c->v, r->offset, r->length, &seq);
-        finish_write(c, r, rc, seq);
+        finish_write(c, r, rc, seq, IO_TRIM, t0);
         break;
     case NBD_CMD_WRITE_ZEROES:
         /* Zeroing is a metadata record here, always faster than a WRITE, so
          * FAST_ZERO never needs to fail with ENOTSUP. */
         rc = volume_write_zeroes(c->v, r->offset, r->length, (r->flags & NBD_CMD_FLAG_NO_HOLE) != 0, &seq);
-        finish_write(c, r, rc, seq);
+        finish_write(c, r, rc, seq, IO_WRITE_ZEROES, t0);
         break;
     case NBD_CMD_CACHE:
         /* Every block is local until the object store arrives: nothing to warm. */
@@ -361,23 +405,32 @@ static int process_input(struct nbd_conn *c) {
         uint64_t payload = nbd_request_payload(&r);
         size_t need = NBD_REQUEST_SIZE + (size_t)payload;
         const uint8_t *data = p + NBD_REQUEST_SIZE;
+        if (avail < need && need <= IN_CAP) break; /* wait for the rest in the buffer */
+        int op = io_op_of(r.type);
+        uint64_t t0 = io_begin(&c->v->io, op); /* parsed: the request's latency starts */
         if (avail < need) {
-            if (need <= IN_CAP) break; /* wait for the rest in the buffer */
             /* A payload larger than the input buffer is read straight into the
              * big buffer; payload <= max_payload was checked above. */
             flush_out(c);
-            if (ensure_big(c, (size_t)payload) < 0) return STOP_NOW;
+            if (ensure_big(c, (size_t)payload) < 0) { io_end(&c->v->io, op, t0, 0, 1); return STOP_NOW; }
             size_t have = avail - NBD_REQUEST_SIZE;
             memcpy(c->big, data, have);
-            if (recv_full(c, c->big + have, (size_t)payload - have) < 0) return STOP_NOW;
+            if (recv_full(c, c->big + have, (size_t)payload - have) < 0) {
+                io_end(&c->v->io, op, t0, 0, 1); /* never answered: the connection ends */
+                return STOP_NOW;
+            }
             data = c->big;
             c->in_off = c->in_len; /* everything buffered was this request */
         } else {
             c->in_off += need;
         }
         int st = KEEP_GOING;
-        if (verdict == NBD_REJECT) reply_error(c, &r, err);
-        else st = execute(c, &r, data);
+        if (verdict == NBD_REJECT) {
+            reply_error(c, &r, err);
+            io_end(&c->v->io, op, t0, 0, 1);
+        } else {
+            st = execute(c, &r, data, t0);
+        }
         if (st != KEEP_GOING) return st;
         if (c->dead) return STOP_NOW;
     }

@@ -36,6 +36,9 @@ struct ublk_pending {
     int tag;
     int result;
     int is_miss;
+    int op;        /* metrics: enum io_op of the tag's request */
+    uint64_t t0;   /* metrics: when it was fetched (kept across re-runs) */
+    uint64_t len;
     struct ublk_pending *next;
 };
 
@@ -256,6 +259,33 @@ static void commit_when_durable(struct ublk_queue *q, int tag, uint64_t seq, int
 
 static int errno_result(int rc) { return rc < 0 ? rc : -EIO; }
 
+/* Hands the tag's result back to the kernel; its reply is queued now. */
+static void commit(struct ublk_queue *q, int tag, int result) {
+    struct ublk_pending *p = &q->pend[tag];
+    io_end(&q->d->v->io, p->op, p->t0, p->len, result < 0);
+    prep_io_cmd(q, tag, UBLK_U_IO_COMMIT_AND_FETCH_REQ, result);
+}
+
+static int io_op_of(uint32_t op) {
+    switch (op) {
+    case UBLK_IO_OP_READ: return IO_READ;
+    case UBLK_IO_OP_WRITE: return IO_WRITE;
+    case UBLK_IO_OP_FLUSH: return IO_FLUSH;
+    case UBLK_IO_OP_DISCARD: return IO_TRIM;
+    case UBLK_IO_OP_WRITE_ZEROES: return IO_WRITE_ZEROES;
+    default: return IO_UNCOUNTED;
+    }
+}
+
+/* A request the kernel just fetched to this tag: its latency starts. */
+static void begin(struct ublk_queue *q, int tag) {
+    const struct ublksrv_io_desc *iod = &q->descs[tag];
+    struct ublk_pending *p = &q->pend[tag];
+    p->op = io_op_of(iod->op_flags & 0xff);
+    p->len = (uint64_t)iod->nr_sectors << 9;
+    p->t0 = io_begin(&q->d->v->io, p->op);
+}
+
 /* Serves one request: commits it now, or once the WAL covers it (FLUSH, FUA). */
 static void handle(struct ublk_queue *q, int tag) {
     const struct ublksrv_io_desc *iod = &q->descs[tag];
@@ -303,7 +333,7 @@ static void handle(struct ublk_queue *q, int tag) {
     default:
         result = -EOPNOTSUPP;
     }
-    prep_io_cmd(q, tag, UBLK_U_IO_COMMIT_AND_FETCH_REQ, result);
+    commit(q, tag, result);
 }
 
 static void drain_done(struct ublk_queue *q) {
@@ -318,7 +348,7 @@ static void drain_done(struct ublk_queue *q) {
     for (; list; k++) {
         struct ublk_pending *nx = list->next; /* handle() may re-park the same slot */
         if (list->is_miss && list->result == 0) handle(q, list->tag);
-        else prep_io_cmd(q, list->tag, UBLK_U_IO_COMMIT_AND_FETCH_REQ, list->result);
+        else commit(q, list->tag, list->result);
         list = nx;
     }
     if (k) {
@@ -372,6 +402,7 @@ static void *queue_main(void *arg) {
                 continue;
             }
             if (stop) continue; /* detaching: leave it to be reissued */
+            begin(q, tag);
             handle(q, tag);
         }
         io_uring_cq_advance(&q->ring, seen);

@@ -488,6 +488,12 @@ static int read_blocks(struct volume *v, uint64_t lba, uint64_t nblocks, uint8_t
             drop_plan_refs(plan, n);
             return w ? VOLUME_PARKED : -EAGAIN;
         }
+        if (as_of == UINT64_MAX) {
+            /* a guest read served locally: cache hits, per block */
+            unsigned long hits = 0;
+            for (int i = 0; i < n; i++) hits += plan[i].kind == SRC_CACHE || plan[i].kind == SRC_WAL;
+            if (hits) atomic_fetch_add_explicit(&v->cache_hits, hits, memory_order_relaxed);
+        }
         int rc = run_plan(v, plan, n, out);
         pthread_rwlock_unlock(&v->evict_rw);
         if (rc) { atomic_fetch_add(&v->st.errors, 1); return rc; }

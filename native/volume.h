@@ -34,6 +34,7 @@
 #include <stdint.h>
 
 #include "block_index.h"
+#include "io_metrics.h"
 #include "wal.h"
 
 struct nbd_conn;
@@ -105,8 +106,10 @@ struct volume {
     size_t miss_head, miss_len, miss_cap;
     int miss_efd;          /* readable while miss_queue is not empty */
     atomic_ulong misses, installs, fetch_failures, evictions;
+    atomic_ulong cache_hits; /* blocks guest reads got from the cache file or the WAL */
 
     struct volume_stats st;
+    struct io_metrics io; /* kept by the request paths (NBD, ublk, the binding) */
     struct wal_replay_stats replay;
 };
 

@@ -65,6 +65,7 @@ def test_volume_units_under_sanitizers(asan_build: Path, tmp_path: Path) -> None
                 str(ROOT / "tests" / "unit" / "test_readthrough.py"),
                 str(ROOT / "tests" / "unit" / "test_eviction.py"),
                 str(ROOT / "tests" / "unit" / "test_grow.py"),
+                str(ROOT / "tests" / "unit" / "test_metrics.py"),
                 str(ROOT / "tests" / "unit" / "test_codecs.py")], env, tmp_path)
 
 
