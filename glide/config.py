@@ -15,10 +15,10 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from glide.block import BLOCK_SIZE
 from glide.errors import ConfigError
 from glide.repo.deadline import DEFAULT_COMMIT_DEADLINE
 
-BLOCK_SIZE = 4096
 DEFAULT_TCP = "127.0.0.1:10809"
 VOLUME_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -284,7 +284,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"volume {v.name!r} is configured twice")
         seen.add(v.name)
         if v.size <= 0 or v.size % BLOCK_SIZE:
-            raise ConfigError(f"volume {v.name!r}: size must be a positive multiple of 4096")
+            raise ConfigError(f"volume {v.name!r}: size must be a positive multiple of "
+                              f"{BLOCK_SIZE}")
     if cfg.wal_segment_size < (32 << 20) + 128:
         raise ConfigError("cache.wal_segment_size must be at least 33 MiB (one maximal write)")
     if cfg.wal_budget < 2 * cfg.wal_segment_size:
@@ -294,8 +295,9 @@ def validate(cfg: Config) -> None:
     u = cfg.ublk
     if not (1 <= u.queues <= 64 and 1 <= u.depth <= 1024):
         raise ConfigError("ublk.queues must be 1-64 and ublk.depth 1-1024")
-    if u.max_io < 4096 or u.max_io > 32 << 20 or u.max_io % 4096:
-        raise ConfigError("ublk.max_io must be a multiple of 4096 between 4 KiB and 32 MiB")
+    if u.max_io < BLOCK_SIZE or u.max_io > 32 << 20 or u.max_io % BLOCK_SIZE:
+        raise ConfigError(f"ublk.max_io must be a multiple of {BLOCK_SIZE} between 4 KiB and "
+                          "32 MiB")
     ids = [v.ublk_id for v in cfg.volumes if v.ublk and v.ublk_id is not None]
     if len(ids) != len(set(ids)):
         raise ConfigError("two volumes ask for the same ublk_id")

@@ -73,13 +73,13 @@ from typing import TYPE_CHECKING, Final, NamedTuple
 import xxhash
 import zstandard
 
+from glide.block import BLOCK_SIZE
 from glide.errors import CorruptData
 
 if TYPE_CHECKING:
     from glide import _native
     from glide.store.base import ObjectStore
 
-BLOCK_SIZE: Final = 4096
 FORMAT_VERSION: Final = 1
 PACK_PREFIX: Final = "packs/"
 # One GET fetches at most this much when several blocks of a pack are wanted

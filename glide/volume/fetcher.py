@@ -30,12 +30,18 @@ from concurrent.futures import ThreadPoolExecutor
 from glide import _native
 from glide.histogram import Histogram
 from glide.repo.manifest import Location, Manifest
-from glide.repo.pack import CorruptBlock, FormatError, PackIndex, read_blocks, read_index
+from glide.repo.pack import (
+    ZERO_BLOCK,
+    CorruptBlock,
+    FormatError,
+    PackIndex,
+    read_blocks,
+    read_index,
+)
 from glide.store.base import ObjectStore, StoreError, StoreUnavailable
 
 log = logging.getLogger("glide.fetcher")
 
-ZERO_BLOCK = bytes(4096)
 READTHROUGH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
                        30.0)
 

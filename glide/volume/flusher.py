@@ -45,6 +45,7 @@ from itertools import compress, islice
 from operator import itemgetter
 
 from glide import _native
+from glide.block import BLOCK_SIZE
 from glide.repo.deadline import DEFAULT_COMMIT_DEADLINE, CommitDeadlineExceeded, deadline_clock
 from glide.repo.manifest import Manifest, PackBlocks
 from glide.repo.pack import AS_OF_CURRENT, FinishedPack, build_pack
@@ -52,7 +53,6 @@ from glide.store.base import Data, ForwardingStore, ObjectStore
 
 log = logging.getLogger("glide.flusher")
 
-BLOCK = 4096
 DEFAULT_PACK_TARGET = 16 << 20
 # Threads that read, hash and compress a pack (native/pack_build.c): one per
 # CPU this process may run on, up to a few; zstd -1 is the flush's main cost.
@@ -197,7 +197,7 @@ class Flusher:
         zeroed_in_packs: list[int] = []  # all-zero data blocks inside built packs
         # pack_target counts raw input: a pack's size is only known once
         # built, and at most pack_target/4096 entries keeps it under target.
-        per_pack = max(1, self.pack_target // BLOCK)
+        per_pack = max(1, self.pack_target // BLOCK_SIZE)
         chunks = [data[i: i + per_pack] for i in range(0, len(data), per_pack)]
         stored: list[int] = []
         packs = pack_bytes = 0

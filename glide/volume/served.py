@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from glide import _native
+from glide.block import BLOCK_SIZE
 from glide.config import Config, VolumeConfig
 from glide.errors import Conflict
 from glide.repo.deadline import DEFAULT_COMMIT_DEADLINE
@@ -51,7 +52,6 @@ from glide.volume.sync_stats import SyncStats
 
 log = logging.getLogger("glide.volume")
 
-BLOCK = 4096
 BINDING_FILE = "store-binding.json"
 STORE_ID_KEY = "store-id"
 
@@ -64,7 +64,7 @@ def cached_block_budget(cache_size: int) -> int:
     index block per ~340 extents, so a cache of scattered single blocks
     spends up to ~0.3% on it. Leaving 1/256 (at least 16 blocks) keeps the
     whole allocation within the configured size."""
-    blocks = cache_size // BLOCK
+    blocks = cache_size // BLOCK_SIZE
     return max(1, blocks - max(16, blocks // 256))
 
 
@@ -289,7 +289,7 @@ class ServedVolume:
             finally:
                 self.flusher.progress_total = self.flusher.progress_done = 0
             self.sync_stats.record(time.monotonic() - t0, ok=True,
-                                   nbytes=0 if st is None else st.blocks * BLOCK,
+                                   nbytes=0 if st is None else st.blocks * BLOCK_SIZE,
                                    committed=st is not None)
             return st
 

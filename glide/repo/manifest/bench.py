@@ -14,6 +14,7 @@ from typing import Any
 
 import xxhash
 
+from glide.block import BLOCK_SIZE
 from glide.repo.manifest.format import (
     INNER_FANOUT,
     KIND_INNER,
@@ -26,7 +27,7 @@ from glide.repo.manifest.format import (
 )
 from glide.repo.manifest.leaf import Location
 from glide.repo.manifest.tree import Manifest
-from glide.repo.pack import BLOCK_SIZE, HEADER_SIZE
+from glide.repo.pack import HEADER_SIZE
 from glide.store.base import ObjectStore
 
 

@@ -62,7 +62,8 @@ from typing import Any, Final, TypeVar
 import xxhash
 import zstandard
 
-from glide.repo.pack import BLOCK_SIZE, FormatError, check_hex_key
+from glide.block import BLOCK_SIZE
+from glide.repo.pack import FormatError, check_hex_key
 from glide.store.base import NotFound, ObjectStore, validate_key
 
 LEAF_SPAN: Final = 4096

@@ -34,9 +34,9 @@ from array import array
 from collections.abc import Iterator
 from typing import Final, NamedTuple
 
+from glide.block import BLOCK_SIZE
 from glide.repo.manifest.format import LEAF_HEAD, PACK_REF, _bitmap_bits
 from glide.repo.pack import (
-    BLOCK_SIZE,
     HEADER_SIZE,
     FinishedPack,
     FormatError,
