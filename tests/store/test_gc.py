@@ -124,9 +124,11 @@ class _ReuploadBeforeDelete(ForwardingStore):
 
 def test_reupload_between_decision_and_delete_survives(store: ObjectStore) -> None:
     store.put(_pack_key(7), b"a pack no root reaches")
-    grace = 0.5
+    # The run may delete for grace - 2 * deadline = 0.8 s: a loaded machine's
+    # moto listing took longer than the 0.1 s this test once allowed.
+    grace = 1.0
     time.sleep(grace + gc_module.TIMESTAMP_RESOLUTION + 0.2)  # old enough to collect
-    report = collect_garbage(_ReuploadBeforeDelete(store), grace=grace, commit_deadline=0.2)
+    report = collect_garbage(_ReuploadBeforeDelete(store), grace=grace, commit_deadline=0.1)
     assert report.deleted == 0 and report.kept_young == 1, report.summary()
     assert store.get(_pack_key(7)) == b"a pack no root reaches"
 
