@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from glide import __version__, _native
+from glide.block import BLOCK_SIZE
 from glide.config import VOLUME_NAME_RE, Config, VolumeConfig, parse_hostport
 from glide.errors import (
     Conflict,
@@ -57,7 +58,6 @@ from glide.volume.served import ServedVolume
 
 log = logging.getLogger("glide.control")
 
-BLOCK = 4096
 TRASH_DIR = ".trash"  # under <data-dir>/volumes: deleted volumes on their way out
 # Volumes are addressed by 64-bit byte offsets in NBD and by 4 KiB blocks in
 # the index; 1 PiB leaves room on both and is far beyond a sane single volume.
@@ -70,9 +70,9 @@ def check_size(size: object, what: str = "size") -> int:
         raise InvalidRequest(f"{what} must be an integer number of bytes, got {size!r}")
     if size <= 0:
         raise InvalidRequest(f"{what} must be positive, got {size}")
-    if size % BLOCK:
-        raise InvalidRequest(f"{what} must be a multiple of {BLOCK}, got {size} "
-                             f"(nearest: {size // BLOCK * BLOCK or BLOCK})")
+    if size % BLOCK_SIZE:
+        raise InvalidRequest(f"{what} must be a multiple of {BLOCK_SIZE}, got {size} "
+                             f"(nearest: {size // BLOCK_SIZE * BLOCK_SIZE or BLOCK_SIZE})")
     if size > MAX_VOLUME_SIZE:
         raise InvalidRequest(f"{what} {size} exceeds the maximum of {MAX_VOLUME_SIZE} (1 PiB)")
     return size
@@ -155,8 +155,8 @@ class Control:
             "connections": st["connections"],
             "wal_bytes": st["wal_bytes"],
             "wal_budget_bytes": st["budget"],
-            "dirty_bytes": st["dirty_blocks"] * BLOCK,
-            "cache_bytes": st["cached_blocks"] * BLOCK,
+            "dirty_bytes": st["dirty_blocks"] * BLOCK_SIZE,
+            "cache_bytes": st["cached_blocks"] * BLOCK_SIZE,
             "read_only": e.sv.fenced is not None,
             "fenced": e.sv.fenced,
             "last_committed_version": e.sv.manifest.version,

@@ -29,12 +29,12 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from glide import _native
+from glide.block import BLOCK_SIZE
 from glide.histogram import HistogramSnapshot
 from glide.store.metered import MeteredStore
 
 IO_OPS = ("read", "write", "flush", "trim", "write_zeroes")
 HANDOFF_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-BLOCK = 4096
 
 
 def _buckets(h: HistogramSnapshot) -> list[tuple[str, float]]:
@@ -62,7 +62,7 @@ def _fallback_io(stats: dict[str, int]) -> dict[str, Any]:
         ops[op] = {"requests": stats.get(req, 0), "bytes": stats.get(nbytes, 0) if nbytes else 0,
                    "errors": 0, "buckets": empty, "sum_ns": 0}
     return {"ops": ops, "inflight": 0, "cache_hits": 0, "cache_misses": stats.get("misses", 0),
-            "cache_evicted_bytes": stats.get("evictions", 0) * BLOCK}
+            "cache_evicted_bytes": stats.get("evictions", 0) * BLOCK_SIZE}
 
 
 class DaemonCollector:
@@ -139,10 +139,10 @@ class DaemonCollector:
             evicted.add_metric([name], m["cache_evicted_bytes"])
             wal.add_metric([name], stats["wal_bytes"])
             budget.add_metric([name], stats["budget"])
-            dirty.add_metric([name], stats["dirty_blocks"] * BLOCK)
+            dirty.add_metric([name], stats["dirty_blocks"] * BLOCK_SIZE)
             size.add_metric([name], stats["size"])
             conns.add_metric([name], stats["connections"])
-            cached.add_metric([name], stats["cached_blocks"] * BLOCK)
+            cached.add_metric([name], stats["cached_blocks"] * BLOCK_SIZE)
             s = sv.sync_stats.snapshot()
             syncs.add_metric([name, "ok"], s.ok)
             syncs.add_metric([name, "failed"], s.failed)

@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from glide.block import BLOCK_SIZE
 from glide.cli.client import AdminClient
 from glide.config import Config, load_file, parse_size
 from glide.errors import GlideError
@@ -145,7 +146,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
                 now = client.request("GET", f"/v1/volumes/{args.name}")
                 p = now.get("sync_progress")
                 if p:
-                    progress.update(p["blocks_done"] * 4096, p["blocks_total"] * 4096)
+                    progress.update(p["blocks_done"] * BLOCK_SIZE, p["blocks_total"] * BLOCK_SIZE)
             except GlideError:
                 pass
     if failure:
@@ -154,8 +155,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
         _print_json(result)
     else:
         assert progress is not None
-        progress.done = result["blocks"] * 4096
-        progress.finish(f"sync {args.name}: {human_bytes(result['blocks'] * 4096)} synced, "
+        progress.done = result["blocks"] * BLOCK_SIZE
+        progress.finish(f"sync {args.name}: {human_bytes(result['blocks'] * BLOCK_SIZE)} synced, "
                         f"committed manifest v{result['version']}")
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+from glide.block import BLOCK_SIZE
 from glide.config import Config, VolumeConfig
 from glide.daemon.lock import DataDirInUse, DataDirLock
 from glide.progress import Progress
@@ -23,17 +24,19 @@ def watch_sync(sv: ServedVolume, label: str) -> FlushStats | None:
         while not done.wait(0.25):
             total = sv.flusher.progress_total
             if total:
-                progress.update(sv.flusher.progress_done * 4096, total * 4096)
+                progress.update(sv.flusher.progress_done * BLOCK_SIZE, total * BLOCK_SIZE)
 
     t = threading.Thread(target=watch, name="drain-progress", daemon=True)
     t.start()
     try:
-        return sv.flush()
+        st = sv.flush()
     finally:
         done.set()
         t.join()
-        if progress.total:
-            progress.finish()
+    if st is not None:  # a fast sync may end before the first look
+        progress.done = progress.total = st.blocks * BLOCK_SIZE
+        progress.finish()
+    return st
 
 
 def drain_volume(cfg: Config, vc: VolumeConfig, say: Callable[[str], None]) -> int:
@@ -53,7 +56,7 @@ def drain_volume(cfg: Config, vc: VolumeConfig, say: Callable[[str], None]) -> i
         sv = ServedVolume.open(cfg, vc, store, store_identity(store))
         try:
             dirty = sv.dirty_blocks()
-            say(f"drain {vc.name}: {dirty} dirty blocks ({dirty * 4096 / (1 << 20):.1f} MiB) "
+            say(f"drain {vc.name}: {dirty} dirty blocks ({dirty * BLOCK_SIZE / (1 << 20):.1f} MiB) "
                 f"to flush to {cfg.store.describe(cfg.data_dir)}")
             total = 0
             while sv.needs_adopt or sv.dirty_blocks():

@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from glide.block import BLOCK_SIZE
 from glide.config import Config, VolumeConfig
 from glide.errors import CorruptData
 
@@ -73,7 +74,7 @@ class VolumeRegistry:
                 raise ValueError(f"unknown format version {raw.get('version')!r}")
             for name, e in raw["volumes"].items():
                 size, origin, created = int(e["size"]), str(e["origin"]), float(e["created"])
-                if size <= 0 or size % 4096 or origin not in ("api", "config"):
+                if size <= 0 or size % BLOCK_SIZE or origin not in ("api", "config"):
                     raise ValueError(f"bad entry for {name!r}")
                 reg.entries[str(name)] = RegistryEntry(size, origin, created)
         except (AttributeError, KeyError, TypeError, ValueError) as e:
