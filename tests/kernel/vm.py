@@ -18,6 +18,8 @@ bash script inside a throwaway VM instead (testing.md, "The kernel tier's VM"):
   exactly what the guest had written to its disk, while the results share, which goes
   straight to the host, keeps everything the guest wrote to it before the cut.
 - Always TCG: /dev/kvm exists on these machines but nested KVM fails with emulation errors.
+- run_in_vm(kernel_args=["glide.init=systemd", ...]) boots the host's systemd as PID 1 in
+  the overlay instead of running the script from /init; systemd_vm.py builds on it.
 
 Assets are cached under <repo>/.cache/vm/<kernel-version>/ (gitignored) and rebuilt only
 when missing, so only the first run pays for the download (~110 MB) and unpacking.
@@ -39,7 +41,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -334,6 +336,26 @@ mount --move /results $R/GUEST_RESULTS || die "cannot move the results share"
 # No network device, but the daemon and its clients talk over 127.0.0.1.
 ip link set lo up
 hostname glide-vm
+# Files the run adds to the guest's root (run_in_vm(files=...)): units, config files.
+if [ -d $R/GUEST_RESULTS/rootfs ]; then
+    cp -a $R/GUEST_RESULTS/rootfs/. $R/ || die "cannot copy the run's files into the root"
+fi
+# systemd as PID 1 instead of a script (systemd_vm.py): it boots the unit that
+# systemd.unit= on the kernel command line names and runs the script from there.
+case " $(cat /proc/cmdline) " in
+*" glide.init=systemd "*)
+    # Left in the overlay, /.dockerenv makes systemd believe it runs in a container
+    # (it then ignores systemd.unit=).
+    rm -f $R/.dockerenv
+    # switch_root empties the initramfs: give kmod its own copy of busybox and modules.
+    umount $R/run/glide-vm-initramfs
+    mkdir -p $R/run/glide-vm-initramfs/bin
+    cp /bin/busybox $R/run/glide-vm-initramfs/bin/ && cp -a /modules $R/run/glide-vm-initramfs/ \
+        || die "cannot copy the initramfs tools"
+    log "switching root to systemd"
+    exec switch_root $R /lib/systemd/systemd
+    ;;
+esac
 log "script starting"
 chroot $R /usr/bin/env -i HOME=/root PATH=GUEST_PATH LANG=C.UTF-8 TERM=dumb \
     GLIDE_IN_VM=1 /bin/bash -c 'cd REPO_ROOT && exec /bin/bash GUEST_RESULTS/script.sh' \
@@ -417,6 +439,8 @@ def run_in_vm(
     disks: Sequence[Path] = (),
     power_cut: PowerCut | None = None,
     results_dir: Path | None = None,
+    files: Mapping[str, str] | None = None,
+    kernel_args: Sequence[str] = (),
 ) -> VmResult:
     """Boot a VM, run `script` with bash as root in /work/main inside it, power off.
 
@@ -440,6 +464,13 @@ def run_in_vm(
     share and leave it behind, so the caller can read what the guest wrote there (files
     the script wrote to GUEST_RESULTS reach the host as each write returns: 9p without a
     cache mode is write-through). By default it is a temporary directory removed after.
+
+    files: {absolute guest path: text} written into the guest's root (its overlay) before
+    anything runs, mode 0644: configuration, systemd units.
+
+    kernel_args: appended to the kernel command line. `glide.init=systemd` (with
+    `systemd.unit=NAME`) boots systemd as PID 1 instead of running the script directly:
+    see systemd_vm.py, which supplies the unit that runs the script.
     """
     assets = assets or ensure_assets()
     qemu = shutil.which("qemu-system-x86_64")
@@ -457,6 +488,16 @@ def run_in_vm(
             if any(results.iterdir()):
                 raise VmError(f"results directory {results} is not empty")
         (results / "script.sh").write_text(script)
+        for arg in kernel_args:
+            if not arg or any(c.isspace() or c == '"' for c in arg):
+                raise VmError(f"kernel_args: {arg!r} cannot be passed on the command line")
+        for guest_path, text in (files or {}).items():
+            if not guest_path.startswith("/") or ".." in Path(guest_path).parts:
+                raise VmError(f"files: {guest_path!r} is not an absolute guest path")
+            target = results / "rootfs" / guest_path.lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
+            target.chmod(0o644)
         console_path = results / "console.log"
         cmd = [
             qemu, "-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none",
@@ -465,7 +506,8 @@ def run_in_vm(
             "-kernel", str(assets.vmlinuz), "-initrd", str(assets.initramfs),
             # panic=-1 plus -no-reboot: a kernel panic ends QEMU at once instead of
             # leaving the host to wait for the timeout.
-            "-append", "console=ttyS0 panic=-1 oops=panic rdinit=/init loglevel=5",
+            "-append", " ".join(["console=ttyS0", "panic=-1", "oops=panic", "rdinit=/init",
+                                 "loglevel=5", *kernel_args]),
             "-no-reboot",
             "-serial", f"file:{console_path}",
             # multidevs=remap: the host root spans several filesystems; without it, inode
