@@ -123,6 +123,7 @@ static int evict_commit(struct volume *v, uint64_t *lbas, size_t n, int skip_ref
     }
     *evicted += k;
     atomic_fetch_add(&v->evictions, k);
+    atomic_fetch_add_explicit(&v->io->evicted_bytes, (unsigned long)k * GLIDE_BLOCK_SIZE, memory_order_relaxed);
     return prc;
 }
 

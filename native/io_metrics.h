@@ -5,13 +5,17 @@
  * Per op (read, write, flush, trim, write_zeroes): bytes, errors, a latency
  * histogram with fixed upper bounds and the latency sum; requests are the
  * sum of the histogram's buckets, so the two always agree. Plus the requests
- * in flight. Latency runs from the request parsed to its reply queued (for
+ * in flight and the cache's hits, misses and evicted bytes. Latency runs from the request parsed to its reply queued (for
  * FLUSH and FUA, until the group commit has covered it; for a read parked
  * on the store, until it was re-run and answered).
  *
  * Cost per request: one clock_gettime(CLOCK_MONOTONIC) at the start and one
  * at the end, and five relaxed atomic adds (inflight twice, a bucket, the
- * sum, the bytes). Counters only grow, for the life of the volume.
+ * sum, the bytes). Counters only grow.
+ *
+ * The binding owns the struct and lends it to the volume (volume_config.io),
+ * so a Python call that returns after a concurrent close, and metrics() read
+ * after close, never touch a freed volume.
  */
 #ifndef GLIDE_IO_METRICS_H
 #define GLIDE_IO_METRICS_H
@@ -37,6 +41,9 @@ struct io_op_counters {
 struct io_metrics {
     struct io_op_counters op[IO_NOPS];
     atomic_long inflight;
+    atomic_ulong cache_hits;    /* blocks guest reads got from the cache file or the WAL */
+    atomic_ulong cache_misses;  /* blocks queued for the store */
+    atomic_ulong evicted_bytes;
 };
 
 static inline uint64_t io_now_ns(void) {

@@ -46,6 +46,7 @@ int miss_register(struct volume *v, uint64_t lba, struct miss_waiter *w) {
         *b = e;
         v->miss_queue[(v->miss_head + v->miss_len++) % v->miss_cap] = lba;
         atomic_fetch_add(&v->misses, 1);
+        atomic_fetch_add_explicit(&v->io->cache_misses, 1, memory_order_relaxed);
         uint64_t one = 1;
         ssize_t n = write(v->miss_efd, &one, sizeof one);
         (void)n;

@@ -23,10 +23,10 @@ typedef struct {
     PyObject_HEAD
     struct volume *v;
     struct ublk_device *ublk; /* at most one kernel device per volume */
-    PyObject *final_metrics;  /* metrics() as of close: counters outlive the C volume */
+    /* Lent to the volume, freed only with this object: a call returning after
+     * a concurrent close still counts safely, and metrics() outlive close. */
+    struct io_metrics *io;
 } VolumeObject;
-
-static PyObject *metrics_dict(struct volume *v);
 
 static PyObject *raise_errno(int rc, const char *what) {
     errno = rc < 0 ? -rc : rc;
@@ -48,7 +48,9 @@ static int Volume_init(VolumeObject *self, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_ValueError, "segment_size must hold one maximal record (a little over 32 MiB)");
         return -1;
     }
-    struct volume_config cfg = {.dir = path, .size = size, .wal_budget = budget, .seg_size = segsize};
+    if (!self->io && !(self->io = PyMem_RawCalloc(1, sizeof *self->io))) { PyErr_NoMemory(); return -1; }
+    struct volume_config cfg = {.dir = path, .size = size, .wal_budget = budget, .seg_size = segsize,
+                                .io = self->io};
     char err[512];
     int rc;
     Py_BEGIN_ALLOW_THREADS
@@ -76,21 +78,13 @@ static void close_volume(VolumeObject *self) {
     Py_BEGIN_ALLOW_THREADS
     if (u) ublk_detach(u); /* the device stays for the next daemon */
     nbd_conns_shutdown(v, 5000);
-    Py_END_ALLOW_THREADS
-    /* every request has been answered: these are the final counts */
-    PyObject *et, *ev, *tb;
-    PyErr_Fetch(&et, &ev, &tb); /* dealloc may run with an exception set */
-    Py_XSETREF(self->final_metrics, metrics_dict(v));
-    PyErr_Clear();
-    PyErr_Restore(et, ev, tb);
-    Py_BEGIN_ALLOW_THREADS
     volume_close(v);
     Py_END_ALLOW_THREADS
 }
 
 static void Volume_dealloc(VolumeObject *self) {
     close_volume(self);
-    Py_CLEAR(self->final_metrics);
+    PyMem_RawFree(self->io);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -108,9 +102,9 @@ static PyObject *Volume_read(VolumeObject *self, PyObject *args) {
     int rc;
     char *buf = PyBytes_AS_STRING(out);
     Py_BEGIN_ALLOW_THREADS
-    uint64_t t0 = io_begin(&self->v->io, IO_READ);
+    uint64_t t0 = io_begin(self->io, IO_READ);
     rc = volume_read(self->v, off, len, buf);
-    io_end(&self->v->io, IO_READ, t0, len, rc != 0);
+    io_end(self->io, IO_READ, t0, len, rc != 0);
     Py_END_ALLOW_THREADS
     if (rc) { Py_DECREF(out); return raise_errno(rc, "read"); }
     return out;
@@ -121,7 +115,7 @@ static PyObject *sync_if(VolumeObject *self, int rc, uint64_t seq, int fua, cons
                          uint64_t bytes) {
     Py_BEGIN_ALLOW_THREADS
     if (!rc && fua && seq) rc = wal_sync_wait(&self->v->wal, seq);
-    io_end(&self->v->io, op, t0, bytes, rc != 0);
+    io_end(self->io, op, t0, bytes, rc != 0);
     Py_END_ALLOW_THREADS
     if (rc) return raise_errno(rc, what);
     return PyLong_FromUnsignedLongLong(seq);
@@ -137,7 +131,7 @@ static PyObject *Volume_write(VolumeObject *self, PyObject *args, PyObject *kw) 
     uint64_t seq = 0, t0, len = (uint64_t)data.len;
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    t0 = io_begin(&self->v->io, IO_WRITE);
+    t0 = io_begin(self->io, IO_WRITE);
     rc = volume_write(self->v, off, len, data.buf, &seq);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&data);
@@ -152,7 +146,7 @@ static PyObject *Volume_trim(VolumeObject *self, PyObject *args, PyObject *kw) {
     uint64_t seq = 0, t0;
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    t0 = io_begin(&self->v->io, IO_TRIM);
+    t0 = io_begin(self->io, IO_TRIM);
     rc = volume_trim(self->v, off, len, &seq);
     Py_END_ALLOW_THREADS
     return sync_if(self, rc, seq, fua, "trim", IO_TRIM, t0, len);
@@ -167,7 +161,7 @@ static PyObject *Volume_write_zeroes(VolumeObject *self, PyObject *args, PyObjec
     uint64_t seq = 0, t0;
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    t0 = io_begin(&self->v->io, IO_WRITE_ZEROES);
+    t0 = io_begin(self->io, IO_WRITE_ZEROES);
     rc = volume_write_zeroes(self->v, off, len, no_hole, &seq);
     Py_END_ALLOW_THREADS
     return sync_if(self, rc, seq, fua, "write_zeroes", IO_WRITE_ZEROES, t0, len);
@@ -177,9 +171,9 @@ static PyObject *Volume_flush(VolumeObject *self, PyObject *Py_UNUSED(ignored)) 
     if (check_open(self)) return NULL;
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    uint64_t t0 = io_begin(&self->v->io, IO_FLUSH);
+    uint64_t t0 = io_begin(self->io, IO_FLUSH);
     rc = volume_flush(self->v);
-    io_end(&self->v->io, IO_FLUSH, t0, 0, rc != 0);
+    io_end(self->io, IO_FLUSH, t0, 0, rc != 0);
     Py_END_ALLOW_THREADS
     if (rc) return raise_errno(rc, "flush");
     Py_RETURN_NONE;
@@ -553,10 +547,10 @@ static const char *const io_op_names[IO_NOPS] = {"read", "write", "flush", "trim
 
 /* Relaxed reads of counters that only grow: each value is one that was true
  * at some instant of the call; requests is the sum of the buckets read. */
-static PyObject *metrics_dict(struct volume *v) {
+static PyObject *metrics_dict(struct io_metrics *m) {
     PyObject *ops = PyDict_New();
     for (int o = 0; ops && o < IO_NOPS; o++) {
-        struct io_op_counters *c = &v->io.op[o];
+        struct io_op_counters *c = &m->op[o];
         PyObject *b = PyTuple_New(IO_LAT_BOUNDS + 1);
         unsigned long long requests = 0;
         for (int i = 0; b && i <= IO_LAT_BOUNDS; i++) {
@@ -577,17 +571,17 @@ static PyObject *metrics_dict(struct volume *v) {
         Py_XDECREF(d);
     }
     if (!ops) return NULL;
-    long inflight = atomic_load_explicit(&v->io.inflight, memory_order_relaxed);
+    long inflight = atomic_load_explicit(&m->inflight, memory_order_relaxed);
+#define R(x) (unsigned long long)atomic_load_explicit(&m->x, memory_order_relaxed)
     return Py_BuildValue("{s:N,s:l,s:K,s:K,s:K}", "ops", ops, "inflight", inflight < 0 ? 0 : inflight,
-                         "cache_hits", (unsigned long long)atomic_load(&v->cache_hits), "cache_misses",
-                         (unsigned long long)atomic_load(&v->misses), "cache_evicted_bytes",
-                         (unsigned long long)atomic_load(&v->evictions) * GLIDE_BLOCK_SIZE);
+                         "cache_hits", R(cache_hits), "cache_misses", R(cache_misses), "cache_evicted_bytes",
+                         R(evicted_bytes));
+#undef R
 }
 
 static PyObject *Volume_metrics(VolumeObject *self, PyObject *Py_UNUSED(ignored)) {
-    if (!self->v && self->final_metrics) return Py_NewRef(self->final_metrics);
-    if (check_open(self)) return NULL;
-    return metrics_dict(self->v);
+    if (!self->io) { PyErr_SetString(PyExc_ValueError, "volume was never opened"); return NULL; }
+    return metrics_dict(self->io); /* also after close: the final counts */
 }
 
 static PyObject *Volume_pressure_fd(VolumeObject *self, PyObject *Py_UNUSED(ignored)) {

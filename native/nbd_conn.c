@@ -137,7 +137,7 @@ static void reply_when_durable(struct nbd_conn *c, uint64_t handle, uint64_t seq
     struct sync_req *s = calloc(1, sizeof *s);
     if (!s) {
         reply_simple(c, handle, NBD_ENOMEM);
-        io_end(&c->v->io, op, t0, 0, 1);
+        io_end(c->v->io, op, t0, 0, 1);
         return;
     }
     s->w.target = seq;
@@ -169,7 +169,7 @@ static void drain_completions(struct nbd_conn *c) {
     while (list) {
         struct sync_req *nx = list->next;
         reply_simple(c, list->handle, nbd_errno_to_wire(list->err));
-        io_end(&c->v->io, list->op, list->t0, list->bytes, list->err != 0);
+        io_end(c->v->io, list->op, list->t0, list->bytes, list->err != 0);
         free(list);
         list = nx;
         k++;
@@ -184,7 +184,7 @@ static void drain_completions(struct nbd_conn *c) {
         /* run it again: it may park once more on another block */
         if (err) {
             reply_error(c, &r, nbd_errno_to_wire(err));
-            io_end(&c->v->io, IO_READ, t0, 0, 1);
+            io_end(c->v->io, IO_READ, t0, 0, 1);
         } else {
             do_read(c, &r, t0);
         }
@@ -222,7 +222,7 @@ static struct parked_read *get_parked(struct nbd_conn *c) {
 
 static void read_failed(struct nbd_conn *c, const struct nbd_request *r, uint32_t err, uint64_t t0) {
     reply_error(c, r, err);
-    io_end(&c->v->io, IO_READ, t0, 0, 1);
+    io_end(c->v->io, IO_READ, t0, 0, 1);
 }
 
 /* Answers the READ, or parks it (then drain_completions runs it again with
@@ -235,7 +235,7 @@ static void do_read(struct nbd_conn *c, const struct nbd_request *r, uint64_t t0
                                     NBD_REPLY_TYPE_NONE, r->handle, 0);
         else
             reply_simple(c, r->handle, 0);
-        io_end(&c->v->io, IO_READ, t0, 0, 0);
+        io_end(c->v->io, IO_READ, t0, 0, 0);
         return;
     }
     size_t total = hdr + r->length;
@@ -281,7 +281,7 @@ static void do_read(struct nbd_conn *c, const struct nbd_request *r, uint64_t t0
         nbd_encode_simple_reply(p, r->handle, 0);
     }
     if (direct) send_all(c, p, total);
-    io_end(&c->v->io, IO_READ, t0, r->length, 0);
+    io_end(c->v->io, IO_READ, t0, r->length, 0);
 }
 
 struct bs_ctx {
@@ -326,7 +326,7 @@ static void finish_write(struct nbd_conn *c, const struct nbd_request *r, int rc
         return;
     }
     reply_simple(c, r->handle, nbd_errno_to_wire(rc));
-    io_end(&c->v->io, op, t0, r->length, rc != 0);
+    io_end(c->v->io, op, t0, r->length, rc != 0);
 }
 
 /* Which counters a command feeds (BLOCK_STATUS, CACHE and DISC none). */
@@ -407,16 +407,16 @@ static int process_input(struct nbd_conn *c) {
         const uint8_t *data = p + NBD_REQUEST_SIZE;
         if (avail < need && need <= IN_CAP) break; /* wait for the rest in the buffer */
         int op = io_op_of(r.type);
-        uint64_t t0 = io_begin(&c->v->io, op); /* parsed: the request's latency starts */
+        uint64_t t0 = io_begin(c->v->io, op); /* parsed: the request's latency starts */
         if (avail < need) {
             /* A payload larger than the input buffer is read straight into the
              * big buffer; payload <= max_payload was checked above. */
             flush_out(c);
-            if (ensure_big(c, (size_t)payload) < 0) { io_end(&c->v->io, op, t0, 0, 1); return STOP_NOW; }
+            if (ensure_big(c, (size_t)payload) < 0) { io_end(c->v->io, op, t0, 0, 1); return STOP_NOW; }
             size_t have = avail - NBD_REQUEST_SIZE;
             memcpy(c->big, data, have);
             if (recv_full(c, c->big + have, (size_t)payload - have) < 0) {
-                io_end(&c->v->io, op, t0, 0, 1); /* never answered: the connection ends */
+                io_end(c->v->io, op, t0, 0, 1); /* never answered: the connection ends */
                 return STOP_NOW;
             }
             data = c->big;
@@ -427,7 +427,7 @@ static int process_input(struct nbd_conn *c) {
         int st = KEEP_GOING;
         if (verdict == NBD_REJECT) {
             reply_error(c, &r, err);
-            io_end(&c->v->io, op, t0, 0, 1);
+            io_end(c->v->io, op, t0, 0, 1);
         } else {
             st = execute(c, &r, data, t0);
         }

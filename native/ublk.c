@@ -262,7 +262,7 @@ static int errno_result(int rc) { return rc < 0 ? rc : -EIO; }
 /* Hands the tag's result back to the kernel; its reply is queued now. */
 static void commit(struct ublk_queue *q, int tag, int result) {
     struct ublk_pending *p = &q->pend[tag];
-    io_end(&q->d->v->io, p->op, p->t0, p->len, result < 0);
+    io_end(q->d->v->io, p->op, p->t0, p->len, result < 0);
     prep_io_cmd(q, tag, UBLK_U_IO_COMMIT_AND_FETCH_REQ, result);
 }
 
@@ -283,7 +283,7 @@ static void begin(struct ublk_queue *q, int tag) {
     struct ublk_pending *p = &q->pend[tag];
     p->op = io_op_of(iod->op_flags & 0xff);
     p->len = (uint64_t)iod->nr_sectors << 9;
-    p->t0 = io_begin(&q->d->v->io, p->op);
+    p->t0 = io_begin(q->d->v->io, p->op);
 }
 
 /* Serves one request: commits it now, or once the WAL covers it (FLUSH, FUA). */

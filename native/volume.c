@@ -65,6 +65,7 @@ int volume_open(const struct volume_config *cfg, struct volume **out, char *err,
     v->size = cfg->size;
     v->nblocks = cfg->size / GLIDE_BLOCK_SIZE;
     v->wal_budget = cfg->wal_budget;
+    v->io = cfg->io ? cfg->io : &v->io_own;
     v->cache_fd = -1;
     v->pressure_efd = -1;
     v->wal.dir_fd = -1;
@@ -492,7 +493,7 @@ static int read_blocks(struct volume *v, uint64_t lba, uint64_t nblocks, uint8_t
             /* a guest read served locally: cache hits, per block */
             unsigned long hits = 0;
             for (int i = 0; i < n; i++) hits += plan[i].kind == SRC_CACHE || plan[i].kind == SRC_WAL;
-            if (hits) atomic_fetch_add_explicit(&v->cache_hits, hits, memory_order_relaxed);
+            if (hits) atomic_fetch_add_explicit(&v->io->cache_hits, hits, memory_order_relaxed);
         }
         int rc = run_plan(v, plan, n, out);
         pthread_rwlock_unlock(&v->evict_rw);

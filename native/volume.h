@@ -55,6 +55,7 @@ struct volume_config {
     uint64_t size;       /* bytes, a multiple of the block size */
     uint64_t wal_budget; /* bytes of WAL + index charge before writers wait */
     uint64_t seg_size;   /* target WAL segment size */
+    struct io_metrics *io; /* lent, must outlive the volume; NULL: the volume's own */
 };
 
 struct volume_stats {
@@ -106,10 +107,10 @@ struct volume {
     size_t miss_head, miss_len, miss_cap;
     int miss_efd;          /* readable while miss_queue is not empty */
     atomic_ulong misses, installs, fetch_failures, evictions;
-    atomic_ulong cache_hits; /* blocks guest reads got from the cache file or the WAL */
 
     struct volume_stats st;
-    struct io_metrics io; /* kept by the request paths (NBD, ublk, the binding) */
+    struct io_metrics *io;    /* the request paths count here: cfg->io, or io_own */
+    struct io_metrics io_own;
     struct wal_replay_stats replay;
 };
 

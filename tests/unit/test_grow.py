@@ -225,14 +225,18 @@ CRASH_CHILD = textwrap.dedent("""
 def test_grow_survives_kill_9_right_after(tmp_path: Path) -> None:
     p = tmp_path / "v"
     env = dict(os.environ, PYTHONPATH=GLIDE_PATH)
+    err = open(tmp_path / "child.err", "w+")
     child = subprocess.Popen([sys.executable, "-c", CRASH_CHILD, str(p)], env=env, cwd=tmp_path,
-                             stdout=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=err, text=True)
     try:
         assert child.stdout is not None
-        assert child.stdout.readline().strip() == "grown"
+        line = child.stdout.readline().strip()
+        err.seek(0)
+        assert line == "grown", err.read()
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait(10)
+        err.close()
     with pytest.raises(ValueError, match="shrinking"):
         open_vol(p, 1 * MiB)
     v = open_vol(p, 8 * MiB)
