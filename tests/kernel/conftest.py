@@ -19,6 +19,7 @@ KERNEL_DIR = Path(__file__).resolve().parent
 if str(KERNEL_DIR) not in sys.path:
     sys.path.insert(0, str(KERNEL_DIR))
 
+import systemd_vm  # noqa: E402
 import vm  # noqa: E402
 
 
@@ -66,6 +67,27 @@ def run_vm(vm_assets: vm.VmAssets) -> Callable[..., vm.VmResult]:
         result = vm.run_in_vm(script, timeout=timeout, assets=vm_assets)
         print(f"VM run: {result.duration:.1f}s, returncode={result.returncode}")
         print(result.output)
+        if check and result.returncode != 0:
+            pytest.fail(result.describe(), pytrace=False)
+        return result
+
+    return run
+
+
+@pytest.fixture
+def run_systemd_vm(vm_assets: vm.VmAssets) -> Callable[..., systemd_vm.SystemdRun]:
+    """run_systemd_vm(script, timeout, units=..., files=...) -> SystemdRun: the VM with
+    systemd as PID 1 (systemd_vm.run_under_systemd). Fails the test with the VM's output
+    and journal unless the script exited 0 (check=False to inspect a failure yourself)."""
+    why = systemd_vm.missing()
+    if why:
+        pytest.fail(f"{why}; run the README test command, which installs it")
+
+    def run(script: str, timeout: float = 300.0, check: bool = True,
+            **kwargs: object) -> systemd_vm.SystemdRun:
+        result = systemd_vm.run_under_systemd(script, timeout, assets=vm_assets, **kwargs)
+        print(f"systemd VM run: {result.result.duration:.1f}s, returncode={result.returncode}")
+        print(result.result.output)
         if check and result.returncode != 0:
             pytest.fail(result.describe(), pytrace=False)
         return result

@@ -116,6 +116,23 @@ count_lines() {
     echo "$n"
 }
 
+# The glidefs unit as systemd_vm.GLIDEFS_CONFIG configures it.
+GLIDEFS_UNIT=glidefs.service
+GLIDEFS_SOCK=/run/glidefs/nbd.sock
+GLIDEFS_DATA=/var/lib/glidefs
+
+# nbd_uri EXPORT [SOCKET]: the NBD URI of an export on the unit's (or another) socket.
+nbd_uri() { echo "nbd+unix:///$1?socket=${2:-$GLIDEFS_SOCK}"; }
+
+# lock_pid [DATA_DIR]: the pid the daemon holding the data directory wrote into its lock.
+lock_pid() { local pid; read -r pid < "${1:-$GLIDEFS_DATA}/lock"; echo "$pid"; }
+
+# fill_image FILE MiB_OFFSET MiB: random data into a reference image (created sparse by
+# `truncate -s SIZE FILE`), to copy to a volume with nbdcopy and compare with qemu-img.
+fill_image() {
+    head -c $(($3 << 20)) /dev/urandom | dd of="$1" bs=1M seek="$2" conv=notrunc status=none
+}
+
 _systemd_on_exit() {
     local rc=$?
     if [ "$rc" -ne 0 ]; then

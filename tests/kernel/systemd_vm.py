@@ -50,6 +50,30 @@ RUNNER = "/usr/local/lib/glide-vm/run-test.sh"  # in the guest
 DEPLOY_UNIT = vm.REPO_ROOT / "deploy" / "glidefs.service"
 DEPLOY_PREFIX = "/opt/glidefs/"
 
+# A test configuration for glidefs_unit() (at /etc/glidefs/glidefs.toml, where the unit
+# reads it): two volumes, the NBD socket in the unit's runtime directory, the store
+# outside the data directory so a fresh daemon on an empty one can read it back.
+GLIDEFS_STORE = "/srv/glidefs-store"
+GLIDEFS_CONFIG = f"""\
+data_dir = "/var/lib/glidefs"
+
+[nbd]
+unix = "/run/glidefs/nbd.sock"
+tcp = ""
+
+[store]
+kind = "local"
+path = "{GLIDEFS_STORE}"
+
+[[volume]]
+name = "vm1"
+size = "64M"
+
+[[volume]]
+name = "db1"
+size = "32M"
+"""
+
 _TARGET = f"""\
 [Unit]
 Description=glidefs kernel-tier test (systemd_vm.py)
@@ -105,6 +129,10 @@ class Step:
     output: str
     seconds: float
 
+    def properties(self) -> dict[str, str]:
+        """The output of a `systemctl show` step as {property: value}."""
+        return dict(line.split("=", 1) for line in self.output.splitlines() if "=" in line)
+
 
 @dataclass(frozen=True)
 class SystemdRun:
@@ -146,6 +174,11 @@ def sysinit_units() -> list[str]:
                   if not n.endswith(".target") and n != "systemd-journald.service")
 
 
+def glidefs_files(config: str = GLIDEFS_CONFIG) -> dict[str, str]:
+    """run_under_systemd(files=...) for glidefs_unit(): its configuration file."""
+    return {"/etc/glidefs/glidefs.toml": config}
+
+
 def glidefs_unit(exec_start_args: str | None = None) -> str:
     """deploy/glidefs.service, with this checkout in place of /opt/glidefs/ (its venv's
     glidefs in ExecStart=). exec_start_args replaces what follows `glidefs` there."""
@@ -176,7 +209,8 @@ def run_under_systemd(
     glide-test.service; power off when it ends.
 
     units: {name: text} installed in /etc/systemd/system (e.g. glidefs_unit()); an empty
-    text masks that unit. files: other {guest path: text} (config files).
+    text masks that unit; "glidefs.service.d/NAME.conf" adds a drop-in.
+    files: other {guest path: text} (config files).
     mask_sysinit: mask sysinit_units() (sysinit.target itself stays and is reached).
     results_dir: keep the results share there (output.log, journal.log, console.log,
     steps/) instead of a temporary directory, to look at a run afterwards.
@@ -192,7 +226,9 @@ def run_under_systemd(
     if mask_sysinit:
         all_files.update({f"{UNIT_DIR}/{name}": "" for name in sysinit_units()})
     for name, text in (units or {}).items():
-        if "/" in name or name in (TEST_TARGET, TEST_SERVICE):
+        parts = name.split("/")
+        drop_in = len(parts) == 2 and parts[0].endswith(".d") and parts[1].endswith(".conf")
+        if not (len(parts) == 1 or drop_in) or parts[0] in (TEST_TARGET, TEST_SERVICE):
             raise vm.VmError(f"units: bad unit name {name!r}")
         all_files[f"{UNIT_DIR}/{name}"] = text
     all_files.update(files or {})

@@ -14,53 +14,26 @@ One boot runs the scenarios in sequence (systemd_vm.py; boots are expensive unde
    (the store oracle: the clean stop committed everything).
 
 The guest script leaves its systemctl/journalctl steps (`record`) for the host, which
-checks the key ones again here.
+checks the key ones again here. Later scenarios (the handoff's `systemctl reload`) add
+their steps to this script rather than another boot.
 """
 
 from __future__ import annotations
 
-import time
-
-import pytest
 import systemd_vm
-import vm
-
-STORE = "/srv/glidefs-store"
-CONFIG = f"""\
-data_dir = "/var/lib/glidefs"
-
-[nbd]
-unix = "/run/glidefs/nbd.sock"
-tcp = ""
-
-[store]
-kind = "local"
-path = "{STORE}"
-
-[[volume]]
-name = "vm1"
-size = "64M"
-
-[[volume]]
-name = "db1"
-size = "32M"
-"""
 
 SCRIPT = r"""
 source tests/kernel/systemd_guest.sh
-SOCK=/run/glidefs/nbd.sock
-U=glidefs.service
-uri() { echo "nbd+unix:///$1?socket=${2:-$SOCK}"; }
+U=$GLIDEFS_UNIT
 # compare_volumes [SOCKET]: both volumes hold exactly the reference images.
 compare_volumes() {
-    qemu-img compare -q -f raw -F raw /tmp/vm1.img "$(uri vm1 "$@")"
-    qemu-img compare -q -f raw -F raw /tmp/db1.img "$(uri db1 "$@")"
+    qemu-img compare -q -f raw -F raw /tmp/vm1.img "$(nbd_uri vm1 "$@")"
+    qemu-img compare -q -f raw -F raw /tmp/db1.img "$(nbd_uri db1 "$@")"
 }
-# lock_pid: the pid the running daemon wrote into its data directory's lock.
-lock_pid() { local pid; read -r pid < /var/lib/glidefs/lock; echo "$pid"; }
-# put NAME MiB_OFFSET MiB: random data into the reference image /tmp/NAME.img.
-put() {
-    head -c $(($3 << 20)) /dev/urandom | dd of=/tmp/$1.img bs=1M seek=$2 conv=notrunc status=none
+# copy_volumes: the reference images onto the volumes, with a FLUSH at the end.
+copy_volumes() {
+    nbdcopy --flush /tmp/vm1.img "$(nbd_uri vm1)"
+    nbdcopy --flush /tmp/db1.img "$(nbd_uri db1)"
 }
 
 step "systemd as PID 1"
@@ -102,15 +75,14 @@ expect_eq "ExecMainPID" "${P[ExecMainPID]}" "$PID1"
 [[ $(tr '\0' ' ' < /proc/$PID1/cmdline) == *"glidefs serve"* ]] || fail "pid $PID1 is not glidefs"
 expect_eq "StatusText" "${P[StatusText]}" "serving 2 volume(s)"
 expect_eq "NRestarts" "${P[NRestarts]}" 0
-record list-exports nbdinfo --list "$(uri "")"
+record list-exports nbdinfo --list "$(nbd_uri "")"
 step_output list-exports | grep -q 'export="db1"' || fail "db1 not exported"
 
 step "(2) kill -9 of the main pid: restarted, ready again, nothing lost"
 truncate -s 64M /tmp/vm1.img
 truncate -s 32M /tmp/db1.img
-put vm1 0 4; put vm1 40 3; put db1 8 2
-nbdcopy --flush /tmp/vm1.img "$(uri vm1)"
-nbdcopy --flush /tmp/db1.img "$(uri db1)"
+fill_image /tmp/vm1.img 0 4; fill_image /tmp/vm1.img 40 3; fill_image /tmp/db1.img 8 2
+copy_volumes
 compare_volumes
 step "kill -9 $PID1"
 kill -9 "$PID1"
@@ -131,9 +103,8 @@ step_output journal-restart | grep -q "Main process exited, code=killed, status=
 step_output journal-restart | grep -q "Scheduled restart job" || fail "no restart job"
 
 step "(3) more data, then systemctl stop: the clean stop finishes"
-put vm1 20 4; put db1 30 2
-nbdcopy --flush /tmp/vm1.img "$(uri vm1)"
-nbdcopy --flush /tmp/db1.img "$(uri db1)"
+fill_image /tmp/vm1.img 20 4; fill_image /tmp/db1.img 30 2
+copy_volumes
 record stop-clean systemctl stop $U
 record show-stopped systemctl show $U \
     -p ActiveState,SubState,Result,ExecMainCode,ExecMainStatus,NRestarts
@@ -157,38 +128,22 @@ start_glidefs /tmp/fresh --store "STORE" --volume vm1:64M --volume db1:32M \
 compare_volumes /tmp/fresh.sock
 stop_glidefs
 echo ALL-OK
-""".replace("STORE", STORE)
+""".replace("STORE", systemd_vm.GLIDEFS_STORE)
 
 
-@pytest.fixture
-def systemd_host(vm_assets: vm.VmAssets) -> vm.VmAssets:
-    why = systemd_vm.missing()
-    if why:
-        pytest.fail(f"{why} (scripts/test.sh installs it)")
-    return vm_assets
-
-
-def test_glidefs_service_under_systemd(systemd_host: vm.VmAssets) -> None:
-    t0 = time.monotonic()
-    run = systemd_vm.run_under_systemd(
-        SCRIPT, timeout=420, assets=systemd_host,
-        units={"glidefs.service": systemd_vm.glidefs_unit()},
-        files={"/etc/glidefs/glidefs.toml": CONFIG},
-    )
-    print(f"systemd VM run: {run.result.duration:.1f}s (host {time.monotonic() - t0:.1f}s), "
-          f"returncode={run.returncode}")
-    print(run.result.output)
-    if run.returncode != 0 or "ALL-OK" not in run.result.output:
-        pytest.fail(run.describe(), pytrace=False)
-
+def test_glidefs_service_under_systemd(run_systemd_vm) -> None:
+    run = run_systemd_vm(SCRIPT, timeout=420,
+                         units={"glidefs.service": systemd_vm.glidefs_unit()},
+                         files=systemd_vm.glidefs_files())
+    assert "ALL-OK" in run.result.output
     steps = run.steps
-    started = _props(steps["show-started"].output)
+    started = steps["show-started"].properties()
     assert (started["ActiveState"], started["SubState"]) == ("active", "running")
     assert started["StatusText"] == "serving 2 volume(s)"
-    restarted = _props(steps["show-restarted"].output)
+    restarted = steps["show-restarted"].properties()
     assert restarted["NRestarts"] == "1"
     assert restarted["MainPID"] not in ("0", started["MainPID"])
-    stopped = _props(steps["show-stopped"].output)
+    stopped = steps["show-stopped"].properties()
     assert (stopped["ActiveState"], stopped["Result"], stopped["ExecMainStatus"]) == (
         "inactive", "success", "0")
     log = steps["journal-stop"].output
@@ -198,7 +153,3 @@ def test_glidefs_service_under_systemd(systemd_host: vm.VmAssets) -> None:
     for name in ("start", "stop-clean"):
         print(f"{name}: {steps[name].seconds:.1f}s")
 
-
-def _props(text: str) -> dict[str, str]:
-    """`systemctl show` output as a dict."""
-    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
