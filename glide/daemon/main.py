@@ -245,9 +245,10 @@ class Daemon:
         print(f"glidefs: admin API on {self.cfg.admin_socket_path()}"
               + (f" and {self.cfg.api.listen} (bearer token)" if self.cfg.api.listen else ""))
         print(f"glidefs: ready (pid {os.getpid()})", flush=True)
-        # READY only now: every volume is bound and every listener is up.
-        self.notifier.send(READY=1, MAINPID=os.getpid(),
-                           STATUS=f"serving {len(self.control.served)} volume(s)")
+        # READY only now: every volume is bound and every listener is up. No
+        # MAINPID=: systemd knows its child, and systemd 252 supervises a
+        # process that names itself that way as an "alien" (operator.md).
+        self.notifier.send(READY=1, STATUS=f"serving {len(self.control.served)} volume(s)")
 
     def _request_stop(self, sig: int) -> None:
         log.info("received %s", signal.Signals(sig).name)
