@@ -1,9 +1,11 @@
 /* module.c — glide._native: the Python face of the C core.
  *
- * A small, explicit API: open a volume, read/write/trim/zero/flush, checkpoint,
- * read a block as of a WAL sequence, hand an NBD socket over after the
- * handshake, shut connections down, stats. Every call that may block releases
- * the GIL. Python is never called back from C. */
+ * A small, explicit API: open a volume, read/write/trim/zero/flush, grow,
+ * checkpoint, read a block as of a WAL sequence, hand an NBD socket over after
+ * the handshake, shut connections down, stats and I/O metrics. Every call that
+ * may block releases the GIL. Python is never called back from C. The typed
+ * contract is glide/_native.pyi (tests/unit/test_native_stub.py keeps the two
+ * in step). */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
