@@ -20,6 +20,10 @@ Invariants:
     Flusher does both). A bare local checkpoint would mark overwritten blocks
     CLEAN while the store still holds their old content, and eviction could
     then serve that old content;
+  - volumes only grow: a configured size larger than the store's grows the
+    manifest once this daemon owns it (`Manifest.grow`; the native volume
+    opened at the larger size already); a smaller one is refused before
+    anything is written;
   - REMOTE bits of a cold open are persisted (checkpoint of a clean volume)
     before the binding is written, so a crash never leaves a bound volume
     that forgot which blocks the store holds.
@@ -129,6 +133,14 @@ def writer_cache_id(writer: str) -> str | None:
     return parts[1] if len(parts) >= 3 and parts[0] == "glidefs" else None
 
 
+def _check_not_smaller(vc: VolumeConfig, manifest: Manifest) -> None:
+    if manifest.root.size > vc.size:
+        raise VolumeConflict(
+            f"volume {vc.name}: the store holds it with size {manifest.root.size}, the "
+            f"configuration says {vc.size}; volumes never shrink: set its size to "
+            f"{manifest.root.size} or more")
+
+
 class ServedVolume:
     """A volume open for serving: native volume + manifest + flusher + fetcher."""
 
@@ -171,10 +183,6 @@ class ServedVolume:
             local_only = len(vol.local_only_blocks())
             manifest, cold = cls._bind_manifest(cfg, vc, store, vol, vdir, binding, writer,
                                                 local_only)
-            if manifest.root.size != vc.size:
-                raise VolumeConflict(
-                    f"volume {vc.name}: the store holds it with size {manifest.root.size}, "
-                    f"the configuration says {vc.size}; resizing is not supported")
             if cold is not None:
                 vol = cold
             if binding is None:
@@ -224,8 +232,9 @@ class ServedVolume:
             return manifest, None
         last = writer_cache_id(manifest.root.writer)
         ours = binding is not None and last == binding.cache_id
-        if manifest.root.size != vc.size:
-            return manifest, None  # open() reports it
+        # Before take_ownership: refusing must not fence the daemon that
+        # serves the volume at its real size.
+        _check_not_smaller(vc, manifest)
         cold: _native.Volume | None = None
         if not ours:
             if unflushed:
@@ -241,6 +250,15 @@ class ServedVolume:
                             manifest.version, manifest.root.writer)
             cold = cls._reset_cache(cfg, vc, vol, vdir)
         manifest.take_ownership(writer)
+        _check_not_smaller(vc, manifest)  # another daemon may have grown it meanwhile
+        if manifest.root.size < vc.size:
+            # A larger configured size grows the volume (the native volume
+            # already opened at that size). Also how a grow that crashed
+            # between the registry and the store is finished.
+            old = manifest.root.size
+            manifest.grow(vc.size)
+            log.info("volume=%s: grew from %d to %d bytes (v%d)", vc.name, old, vc.size,
+                     manifest.version)
         if cold is not None:
             remote = 0
             for first, count in manifest.present_leaves():

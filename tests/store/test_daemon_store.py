@@ -203,8 +203,8 @@ def test_stale_cache_is_discarded_and_conflicting_cache_refused(
     assert c.stop() == 0
 
 
-def test_wrong_store_or_size_is_refused(daemon_factory: Callable[..., Daemon],
-                                        store_spec: StoreSpec, tmp_short: Path) -> None:
+def test_wrong_store_or_smaller_size_is_refused_larger_grows(
+        daemon_factory: Callable[..., Daemon], store_spec: StoreSpec, tmp_short: Path) -> None:
     d = start(daemon_factory, store_spec, 16 * MiB)
     assert d.stop() == 0
     other = LocalDirStore(tmp_short / "other-store")
@@ -216,10 +216,18 @@ def test_wrong_store_or_size_is_refused(daemon_factory: Callable[..., Daemon],
     assert "belongs to another object store" in d.stderr_text()
     d.extra_args = list(store_spec.args)
     d.env = store_spec.env
+    d.start()
+    qemu_io(d.uri(), "write -P 0x5a 15M 1M")
+    assert d.stop() == 0
     d.volumes = [("vol0", 32 * MiB)]
+    d.start()  # a larger configured size grows the volume: cache and store
+    assert "grew from 16777216 to 33554432 bytes" in d.stderr_text()
+    qemu_io(d.uri(), "read -P 0x5a 15M 1M", "read -P 0 16M 16M", "write -P 0x6b 31M 1M")
+    assert d.stop() == 0
+    d.volumes = [("vol0", 16 * MiB)]
     with pytest.raises(AssertionError):
         d.start()
-    assert "resizing is not supported" in d.stderr_text()
+    assert "shrinking a volume is not supported" in d.stderr_text()
 
 
 # --- kill -9 while flushing ---------------------------------------------------------

@@ -16,13 +16,18 @@ from pathlib import Path
 import pytest
 
 from glide import _native
+from glide.config import Config, VolumeConfig
+from glide.repo.gc import collect_garbage
 from glide.repo.manifest import Manifest, root_key
+from glide.repo.reach import reachable_keys
+from glide.store import LocalDirStore
 from glide.store.base import ObjectStore, StoreUnavailable
 from glide.store.faults import Fault, FaultKind, FaultPlan, FaultyStore
 from glide.volume import flusher as flusher_module
 from glide.volume.fetcher import Fetcher
 from glide.volume.flusher import CommitDeadlineExceeded, Flusher, FlushStats
 from glide.volume.scheduler import FlushScheduler
+from glide.volume.served import ServedVolume, VolumeConflict, store_identity
 
 BS = 4096
 MiB = 1 << 20
@@ -30,21 +35,21 @@ SIZE = 8 * MiB
 NBLOCKS = SIZE // BS
 
 
-def new_volume(path: Path) -> _native.Volume:
-    return _native.Volume(str(path), SIZE, 256 * MiB, 64 * MiB)
+def new_volume(path: Path, size: int = SIZE) -> _native.Volume:
+    return _native.Volume(str(path), size, 256 * MiB, 64 * MiB)
 
 
 def cold_volume(path: Path, manifest: Manifest) -> _native.Volume:
     """A volume with an empty data directory: every block the manifest holds
     is REMOTE, everything else reads as zeros."""
-    v = new_volume(path)
+    v = new_volume(path, manifest.root.size)
     for lba, _ in manifest.items():
         v.set_remote(lba, 1, True)
     return v
 
 
 def image(v: _native.Volume) -> bytes:
-    return b"".join(v.read(off, MiB) for off in range(0, SIZE, MiB))
+    return b"".join(v.read(off, min(MiB, v.size - off)) for off in range(0, v.size, MiB))
 
 
 def cold_image(store: ObjectStore, manifest: Manifest, path: Path) -> tuple[bytes, dict]:
@@ -329,3 +334,106 @@ def test_adopt_commits_a_large_volume_in_parts(store: ObjectStore, writer_manife
     assert writer_manifest.version == version + 4
     assert cold_image(store, Manifest.open(store, "vol0"), tmp_path / "b")[0] == want
     v.close()
+
+
+# --- grow -------------------------------------------------------------------------
+
+
+GROWN = 4 * SIZE + 3 * BS  # 8195 blocks: two more manifest leaves, the last one partial
+
+
+@pytest.fixture
+def local(tmp_path: Path) -> LocalDirStore:
+    return LocalDirStore(tmp_path / "store")
+
+
+def test_cold_open_of_a_grown_volume(local: LocalDirStore, tmp_path: Path) -> None:
+    """Data flushed before a grow reads back byte for byte from the store
+    alone afterwards, the added space reads as zeros until written, and
+    what is written there after the grow comes back too."""
+    manifest = Manifest.create(local, "vol0", SIZE, writer="test-writer-1")
+    v = new_volume(tmp_path / "a")
+    rng = random.Random(3)
+    for lba in [*range(0, NBLOCKS, 5), NBLOCKS - 1]:
+        v.write(lba * BS, rng.randbytes(BS))
+    Flusher(v, manifest, local).flush_once()
+    before = image(v)
+    manifest.grow(GROWN)  # the order glide/control.py grows in: the store first
+    v.grow(GROWN)
+    data, _ = cold_image(local, Manifest.open(local, "vol0"), tmp_path / "b")
+    assert data == before + bytes(GROWN - SIZE)
+
+    for lba in (7, NBLOCKS, NBLOCKS + 4097, GROWN // BS - 1):
+        v.write(lba * BS, rng.randbytes(BS))
+    stats = Flusher(v, manifest, local).flush_once()
+    assert stats is not None and stats.stored == 4
+    want = image(v)
+    data, cold_stats = cold_image(local, Manifest.open(local, "vol0"), tmp_path / "c")
+    assert data == want and cold_stats["installs"] > 0
+    v.close()
+
+
+def _served(data_dir: Path, size: int, store: ObjectStore) -> ServedVolume:
+    vc = VolumeConfig("vol0", size)
+    cfg = Config(data_dir=data_dir, volumes=[vc], wal_budget=256 * MiB,
+                 wal_segment_size=64 * MiB)
+    return ServedVolume.open(cfg, vc, store, store_identity(store))
+
+
+def test_a_larger_configured_size_grows_the_volume(local: LocalDirStore,
+                                                   tmp_path: Path) -> None:
+    first, second = os.urandom(BS), os.urandom(BS)
+    sv = _served(tmp_path / "a", SIZE, local)
+    sv.vol.write(SIZE - BS, first)
+    sv.flush()
+    sv.close()
+    sv = _served(tmp_path / "a", 2 * SIZE, local)  # warm: the native open grows the cache
+    assert (sv.manifest.root.size, sv.vol.size) == (2 * SIZE, 2 * SIZE)
+    assert sv.vol.read(SIZE - BS, 2 * BS) == first + bytes(BS)
+    sv.vol.write(2 * SIZE - BS, second)
+    sv.flush()
+    sv.close()
+
+    root = local.get(root_key("vol0"))
+    with pytest.raises(VolumeConflict, match=f"never shrink: set its size to {2 * SIZE}"):
+        _served(tmp_path / "b", SIZE, local)
+    assert local.get(root_key("vol0")) == root  # refused before taking the volume over
+
+    sv = _served(tmp_path / "c", 3 * SIZE, local)  # cold, and larger again
+    try:
+        assert sv.manifest.root.size == 3 * SIZE
+        assert sv.vol.read(SIZE - BS, BS) == first
+        assert sv.vol.read(2 * SIZE - BS, 2 * BS) == second + bytes(BS)
+    finally:
+        sv.close()
+
+
+def test_gc_after_a_grow_loses_nothing(local: LocalDirStore, tmp_path: Path) -> None:
+    """A grow rewrites the path to the old last leaf and puts levels on top;
+    GC then collects the replaced nodes and nothing the grown tree needs."""
+    # Leaves of 8 blocks under nodes of 4: 3 levels, 4 after growing 4x.
+    manifest = Manifest.create(local, "vol0", SIZE, writer="test-writer-1", leaf_span=8,
+                               inner_fanout=4)
+    v = new_volume(tmp_path / "a")
+    rng = random.Random(5)
+    for lba in [*rng.sample(range(NBLOCKS), 300), NBLOCKS - 1]:
+        v.write(lba * BS, rng.randbytes(BS))
+    Flusher(v, manifest, local).flush_once()
+    levels = manifest.root.geometry.levels
+    manifest.grow(4 * SIZE)
+    v.grow(4 * SIZE)
+    assert manifest.root.geometry.levels == levels + 1
+    for lba in [*rng.sample(range(4 * NBLOCKS), 100), 4 * NBLOCKS - 1]:
+        v.write(lba * BS, rng.randbytes(BS))
+    Flusher(v, manifest, local).flush_once()
+    want = image(v)
+    v.close()
+    now = time.time()
+    for info in [*local.list("packs/"), *local.list("nodes/")]:
+        os.utime(local._path(local.full_key(info.key)), (now - 3600, now - 3600))
+
+    report = collect_garbage(local, grace=10, commit_deadline=1)
+    assert report.deleted > 0 and report.kept_young == 0, report.summary()
+    fresh = Manifest.open(local, "vol0")
+    assert report.reachable == len(reachable_keys(local, fresh.root))
+    assert cold_image(local, fresh, tmp_path / "b")[0] == want

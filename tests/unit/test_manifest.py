@@ -12,11 +12,13 @@ import json
 import random
 import struct
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import xxhash
 
+from glide.errors import InvalidRequest
 from glide.repo import manifest as mf
 from glide.repo.manifest import (
     Fenced,
@@ -30,6 +32,7 @@ from glide.repo.manifest import (
     bench_commit_cost,
     reachable_keys,
 )
+from glide.repo.manifest.format import MAX_U64
 from glide.repo.pack import PackWriter
 from glide.store import LocalDirStore, NotFound, ObjectStore, StoreUnavailable
 from glide.store.faults import Fault, FaultKind, FaultPlan, FaultyStore
@@ -339,6 +342,14 @@ def check_equal(manifest: Manifest, model: dict[int, Location], lbas: list[int] 
         assert manifest.lookup(lba) == model.get(lba), lba
 
 
+def update_model(model: dict[int, Location], changes: dict[int, Location | None]) -> None:
+    for lba, location in changes.items():
+        if location is None:
+            model.pop(lba, None)
+        else:
+            model[lba] = location
+
+
 def random_changes(rng: random.Random, nblocks: int, packs: int) -> dict[int, Location | None]:
     changes: dict[int, Location | None] = {}
     pack_no = rng.randrange(packs)
@@ -366,11 +377,7 @@ def test_random_apply_commit_reopen_against_model(store: LocalDirStore, seed: in
         changes = random_changes(rng, nblocks, packs=12)
         operations += len(changes)
         manifest.apply(changes)
-        for lba, location in changes.items():
-            if location is None:
-                model.pop(lba, None)
-            else:
-                model[lba] = location
+        update_model(model, changes)
         # Uncommitted changes are visible to lookups.
         check_equal(manifest, model, [rng.randrange(nblocks) for _ in range(20)] +
                     list(changes))
@@ -574,11 +581,7 @@ def test_apply_packs_matches_apply(tmp_path: Path, span: int, blocks: int,
         packs, zeros, changes = random_flush(rng, blocks, round_no, per_pack)
         by_block.apply(changes)
         by_pack.apply_packs(packs, zeros)
-        for lba, location in changes.items():
-            if location is None:
-                model.pop(lba, None)
-            else:
-                model[lba] = location
+        update_model(model, changes)
         check_leaves_alike(by_block, by_pack)
         check_equal(by_pack, model)
         if rng.random() < 0.5:
@@ -928,8 +931,10 @@ def test_corrupt_gets_surface_as_format_errors(store: LocalDirStore) -> None:
 # --- concurrency ----------------------------------------------------------------------
 
 
-def test_lookups_during_applies_and_commits(store: LocalDirStore) -> None:
-    manifest = small(store, blocks=512, leaf_cache=4)
+def while_reading(check: Callable[[random.Random], None], work: Callable[[], None],
+                  readers: int = 2) -> None:
+    """Runs `work` while `readers` threads call `check` in a loop; fails with
+    the first error a reader hit."""
     stop = threading.Event()
     errors: list[BaseException] = []
 
@@ -937,21 +942,36 @@ def test_lookups_during_applies_and_commits(store: LocalDirStore) -> None:
         rng = random.Random(seed)
         try:
             while not stop.is_set():
-                lba = rng.randrange(512)
-                where = manifest.lookup(lba)
-                # Every location ever written for block b has entry b % 64 and
-                # pack b % 7 + round*7: a torn read would break that.
-                if where is not None:
-                    assert where.entry == lba % 64
-                    assert where.pack_key in keys_for[lba % 7]
+                check(rng)
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
-    keys_for = {r: {fake_pack(r + 7 * n)[0] for n in range(40)} for r in range(7)}
-    threads = [threading.Thread(target=reader, args=(s,)) for s in range(2)]
+    threads = [threading.Thread(target=reader, args=(s,)) for s in range(readers)]
     for t in threads:
         t.start()
     try:
+        work()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors, errors[0]
+
+
+def test_lookups_during_applies_and_commits(store: LocalDirStore) -> None:
+    manifest = small(store, blocks=512, leaf_cache=4)
+    keys_for = {r: {fake_pack(r + 7 * n)[0] for n in range(40)} for r in range(7)}
+
+    def check(rng: random.Random) -> None:
+        lba = rng.randrange(512)
+        where = manifest.lookup(lba)
+        # Every location ever written for block b has entry b % 64 and
+        # pack b % 7 + round*7: a torn read would break that.
+        if where is not None:
+            assert where.entry == lba % 64
+            assert where.pack_key in keys_for[lba % 7]
+
+    def work() -> None:
         rng = random.Random(9)
         for round_no in range(24):
             lbas = rng.sample(range(512), 60)
@@ -959,11 +979,207 @@ def test_lookups_during_applies_and_commits(store: LocalDirStore) -> None:
                             for b in lbas})
             if round_no % 3:
                 manifest.commit()
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
-    assert not errors, errors[0]
+
+    while_reading(check, work)
+
+
+# --- grow -----------------------------------------------------------------------------
+
+
+def lookups(manifest: Manifest, lbas: list[int]) -> list[Location | None]:
+    return [manifest.lookup(lba) for lba in lbas]
+
+
+# (old, new) in blocks, with leaves of 8 blocks under inner nodes of 4: inside
+# the last leaf, up to and across a leaf boundary, a new top-level child, a
+# full top, the tree one level taller (16 leaves fit one level), three levels
+# at once, and a partial last leaf whose inner nodes were never stored.
+GROWS = [(10, 13), (10, 16), (16, 24), (13, 32), (32, 40), (100, 128), (128, 136),
+         (100, 2000), (2000, 2001), (1000, 4096)]
+
+
+@pytest.mark.parametrize(("old", "new"), GROWS)
+def test_grow_keeps_every_block_and_adds_zeros(store: LocalDirStore, old: int, new: int
+                                               ) -> None:
+    rng = random.Random(old * 10_000 + new)
+    manifest = small(store, blocks=old)
+    old_geo = manifest.root.geometry
+    # Committed: the first half (and block 0); dirty, not committed when the
+    # grow runs: the old last block and a few more, some under inner nodes
+    # that do not exist in the store yet.
+    model = {lba: loc(lba % 5, rng.randrange(64)) for lba in rng.sample(range(old // 2 + 1),
+                                                                        min(old // 2, 40))}
+    model[0] = loc(9, 9)
+    manifest.apply(model)
+    manifest.commit()
+    before = reachable_keys(store, manifest.root)
+    dirty = {old - 1: loc(8, 1), old // 2 + (old - old // 2) // 2: loc(8, 2)}
+    manifest.apply(dirty)
+    committed = dict(model)
+    model.update(dirty)
+
+    assert manifest.grow(new * BS) == 3 == manifest.version
+    assert (manifest.root.size, manifest.nblocks, manifest.dirty) == (new * BS, new, True)
+    after = reachable_keys(store, manifest.root)
+    # The grown root shares the old tree: only the path to the old last leaf
+    # is rewritten (one inner node per old level at most); packs all stay.
+    assert len(before - after) <= old_geo.levels
+    assert {k for k in before if k.startswith("packs/")} <= after
+    grown = Manifest.open(store, "vol")
+    assert dict(grown.items()) == committed  # the grow committed no dirty change
+    assert grown.root.geometry.levels == mf.Geometry(new, 8, 4).levels
+    check_equal(manifest, model)  # dirty changes still visible, new blocks zeros
+
+    manifest.commit()
+    extra = {new - 1: loc(7, 7), old: loc(7, 8), rng.randrange(old, new): loc(7, 9),
+             rng.randrange(old): None}
+    manifest.apply(extra)
+    manifest.commit()
+    update_model(model, extra)
+    check_equal(manifest, model)
+    check_equal(Manifest.open(store, "vol"), model)
+    assert {k for k in reachable_keys(store, manifest.root) if k.startswith("packs/")} == {
+        "packs/" + where.pack_key for where in model.values()}
+
+
+def test_grow_twice_and_commits_between(store: LocalDirStore) -> None:
+    manifest = small(store, blocks=20)
+    model: dict[int, Location] = {}
+    for n, size in enumerate((20, 33, 128, 129, 700, 701, 2048)):
+        if size != manifest.nblocks:
+            manifest.grow(size * BS)
+        change = {size - 1: loc(n, n), n: loc(n, 40 + n)}
+        manifest.apply(change)
+        manifest.commit()
+        model.update(change)
+        check_equal(Manifest.open(store, "vol"), model)
+
+
+def test_grow_of_an_empty_tree_with_uncommitted_changes(store: LocalDirStore) -> None:
+    """Nothing committed, so the grow writes no node: the changes' path on
+    the new levels exists only once their commit writes it."""
+    manifest = small(store, blocks=100)
+    manifest.apply({5: loc(0, 5), 99: loc(0, 6)})
+    manifest.grow(2000 * BS)
+    assert reachable_keys(store, manifest.root) == set()
+    manifest.commit()
+    assert lookups(Manifest.open(store, "vol"), [5, 99, 1999]) == [loc(0, 5), loc(0, 6), None]
+
+
+@pytest.mark.parametrize("new_size", [1 << 50, (MAX_U64 // BS) * BS])
+def test_huge_grow_writes_a_few_nodes(store: LocalDirStore, new_size: int) -> None:
+    manifest = Manifest.create(store, "big", 64 << 20, writer="w")  # 4 leaves, one level
+    manifest.apply({0: loc(0, 0), 16383: loc(0, 1)})
+    manifest.commit()
+    nodes = node_keys(store)
+    manifest.grow(new_size)
+    geo = manifest.root.geometry
+    assert geo.levels >= 3 and len(manifest.root.children) <= 256
+    # The old inner node (4 slots -> 256) and one new node per new level.
+    assert len(node_keys(store) - nodes) == geo.levels
+    last = manifest.nblocks - 1
+    assert lookups(manifest, [0, 16383, 16384, last]) == [loc(0, 0), loc(0, 1), None, None]
+    manifest.apply({last: loc(1, 2), 16384: loc(1, 3)})
+    manifest.commit()
+    fresh = Manifest.open(store, "big")
+    assert lookups(fresh, [0, 16383, 16384, last]) == [loc(0, 0), loc(0, 1), loc(1, 3),
+                                                       loc(1, 2)]
+    assert {k for k in reachable_keys(store, fresh.root) if k.startswith("packs/")} == {
+        "packs/" + fake_pack(0)[0], "packs/" + fake_pack(1)[0]}
+
+
+def test_grow_refuses_shrinking_odd_sizes_and_non_owners(store: LocalDirStore) -> None:
+    manifest = small(store, blocks=100)
+    etag = manifest.etag
+    for bad, match in ((99 * BS, "only grow"), (100 * BS + 512, "multiple of 4096"),
+                       (1 << 64, "multiple of 4096"), ("409600", "multiple of 4096")):
+        with pytest.raises(InvalidRequest, match=match) as refused:
+            manifest.grow(bad)  # type: ignore[arg-type]
+        assert (refused.value.exit_code, refused.value.http_status) == (2, 422)
+    assert manifest.grow(100 * BS) == 1  # equal: nothing written
+    assert store.head("volumes/vol/root").etag == etag == manifest.etag
+    with pytest.raises(NotOwner):
+        Manifest.at(store, manifest.root).grow(200 * BS)
+    with pytest.raises(NotOwner, match="take_ownership"):
+        Manifest.open(store, "vol").grow(200 * BS)
+    assert Manifest.open(store, "vol").root.size == 100 * BS
+
+
+def test_grow_is_fenced_and_a_new_owner_adopts_a_grown_root(store: LocalDirStore) -> None:
+    a = small(store, blocks=100, writer="a")
+    a.apply({99: loc(0, 1)})
+    a.commit()
+    c = Manifest.open(store, "vol")  # opened before b grows the volume
+    b = Manifest.open(store, "vol")
+    b.take_ownership("b")
+    with pytest.raises(Fenced, match="'b'"):
+        a.grow(200 * BS)
+    assert b.grow(200 * BS) == b.version
+    c.take_ownership("c")  # its CAS sees b's grown root and starts over from it
+    assert (c.root.size, c.nblocks) == (200 * BS, 200)
+    assert lookups(c, [99, 199]) == [loc(0, 1), None]
+    c.apply({199: loc(1, 2)})
+    c.commit()
+    assert lookups(Manifest.open(store, "vol"), [99, 199]) == [loc(0, 1), loc(1, 2)]
+
+
+@pytest.mark.parametrize("then", ["grow again", "commit"])
+def test_grow_whose_outcome_was_unknown_is_recognised(
+        store: LocalDirStore, monkeypatch: pytest.MonkeyPatch, then: str) -> None:
+    monkeypatch.setattr(mf.tree, "ROOT_BACKOFF", 0.001)
+    manifest = small(store, blocks=100)
+    manifest.apply({99: loc(0, 1)})
+    manifest.commit()
+    # 100 -> 200 blocks rewrites the last level-1 node and adds one on top:
+    # the root is PUT #2. It lands, its reply is lost and every re-read fails.
+    schedule = {("put", 2): Fault(FaultKind.LOST_REPLY)}
+    schedule.update({("get", n): Fault(FaultKind.ERROR) for n in range(20)})
+    faulty = FaultyStore(store, FaultPlan(schedule=schedule))
+    with pytest.raises(StoreUnavailable):
+        manifest.grow(200 * BS, store=faulty)
+    assert faulty.plan.injected(FaultKind.LOST_REPLY)[0].key == "volumes/vol/root"
+    assert manifest.root.size == 100 * BS  # not known to have landed
+    if then == "grow again":
+        assert manifest.grow(200 * BS) == 3
+    else:
+        manifest.apply({98: loc(0, 2)})
+        manifest.commit()  # finds its own grown root, installs it, commits on top
+        assert manifest.version == 4
+    assert manifest.root.size == 200 * BS
+    manifest.apply({199: loc(0, 3)})
+    manifest.commit()
+    fresh = Manifest.open(store, "vol")
+    assert lookups(fresh, [99, 199]) == [loc(0, 1), loc(0, 3)]
+
+
+def test_lost_reply_on_a_grow_is_recognised(store: LocalDirStore) -> None:
+    manifest = small(store, blocks=100)
+    manifest.apply({99: loc(0, 1)})
+    manifest.commit()
+    faulty = FaultyStore(store, FaultPlan(schedule={("put", 2): Fault(FaultKind.LOST_REPLY)}))
+    assert manifest.grow(200 * BS, store=faulty) == 3
+    assert faulty.plan.injected(FaultKind.LOST_REPLY)[0].key == "volumes/vol/root"
+    assert Manifest.open(store, "vol").root.size == 200 * BS
+
+
+def test_lookups_during_grows(store: LocalDirStore) -> None:
+    manifest = small(store, blocks=50, leaf_cache=2)
+    model = {lba: loc(lba % 5, lba % 64) for lba in range(0, 50, 3)}
+    manifest.apply(model)
+    manifest.commit()
+
+    def check(rng: random.Random) -> None:
+        lba = rng.randrange(50)
+        assert manifest.lookup(lba) == model.get(lba), lba
+
+    def work() -> None:
+        for n, size in enumerate((51, 64, 65, 128, 129, 512, 513, 2048, 2049, 9000)):
+            manifest.grow(size * BS)
+            manifest.apply({size - 1: loc(n, n)})
+            if n % 2:
+                manifest.commit()
+
+    while_reading(check, work)
 
 
 # --- cost ---------------------------------------------------------------------------

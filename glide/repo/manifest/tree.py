@@ -1,9 +1,9 @@
 """The manifest tree: one volume's `Manifest`, its commits and single-writer fencing.
 
 Owns the in-memory `Manifest` (lazy loading and caching of nodes, applying
-changes, committing a new root by compare-and-swap), `take_ownership` and
-`Fenced`. Byte formats are glide/repo/manifest/format.py and leaf.py; all
-I/O goes through the `ObjectStore` passed in.
+changes, committing a new root by compare-and-swap), growing a volume,
+`take_ownership` and `Fenced`. Byte formats are glide/repo/manifest/format.py
+and leaf.py; all I/O goes through the `ObjectStore` passed in.
 
 Invariants:
 - The root is written only with If-Match on the ETag last read (or
@@ -15,6 +15,12 @@ Invariants:
   nodes are PUT before the root that references them.
 - Cost of a commit: the leaves changed, their ancestors and the root; never
   the volume's size.
+- A volume only grows (`grow`), by a commit like any other: every block keeps
+  its leaf, every inner node its (level, index), so a grown root shares all
+  of the old tree but the path to the old last leaf (rewritten with more
+  slots) and adds levels on top when the root would need more than
+  `inner_fanout` children. Geometry, levels and top change together under
+  the lookup lock.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import threading
 import time
 from bisect import bisect_left
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from itertools import islice
 from operator import lt
@@ -32,14 +38,17 @@ from typing import Any, Final, NamedTuple
 
 import xxhash
 
-from glide.errors import Conflict
+from glide.block import BLOCK_SIZE
+from glide.errors import Conflict, InvalidRequest
 from glide.repo.manifest.format import (
     DEFAULT_WORKERS,
     INNER_FANOUT,
     KIND_INNER,
     KIND_LEAF,
     LEAF_SPAN,
+    MAX_U64,
     MAX_WRITER_CHARS,
+    Geometry,
     Root,
     _check_geometry,
     _check_u64,
@@ -332,9 +341,11 @@ class Manifest:
         """The committed digest of leaf `leaf_no` (None: absent), loading the
         inner nodes on its path. With `create`, absent inner nodes on the path
         are made (empty) so that a commit can fill them."""
-        fanout, levels = self._fanout, self._levels
+        fanout = self._fanout
         with self._lock:
-            generation = self._tree_gen
+            # One view of the tree: a grow changes geometry, levels and top
+            # together (and bumps the generation) under this lock.
+            generation, geo, levels = self._tree_gen, self._geo, self._levels
             digest = self._top[leaf_no // fanout ** levels]
         for level in range(levels, 0, -1):
             index = leaf_no // fanout ** level
@@ -344,7 +355,7 @@ class Manifest:
             if inner is None:
                 if digest is None and not create:
                     return None
-                slots = self._geo.slots(level, index)
+                slots = geo.slots(level, index)
                 if digest is None:
                     inner = _Inner(level, index, [None] * slots, None)
                 else:
@@ -502,9 +513,15 @@ class Manifest:
                 self._dirty.update(changed)
 
     def _private_leaf(self, leaf_no: int, base: _Leaf | None) -> _Leaf:
+        limit = self._geo.leaf_limit(leaf_no)
         if base is None:
-            return _Leaf(leaf_no * self._span, self._span, self._geo.leaf_limit(leaf_no))
-        return base.copy()
+            return _Leaf(leaf_no * self._span, self._span, limit)
+        leaf = base.copy()
+        # A leaf that was the last one before a grow (or loaded by a lookup
+        # racing it) may carry the old, shorter limit; its bytes do not
+        # depend on the limit, so only this copy needs the current one.
+        leaf.limit = limit
+        return leaf
 
     def _bases(self, creates: dict[int, bool]) -> dict[int, _Leaf | None]:
         """What each leaf to change derives from: a dirty leaf, a cached or
@@ -552,32 +569,46 @@ class Manifest:
             if cut_seq is not None:
                 _check_u64(cut_seq, "cut_seq")
             started = time.monotonic()
-            written: set[bytes] = set()
-            # Each round either lands, fails, or discovers that an earlier
-            # ambiguous commit of ours landed, installs it and goes again.
-            for _ in range(len(self._candidates) + 2):
-                pending = self._prepare(cut_seq, meta)
-                nodes = [(d, b) for d, b in pending.nodes.items() if d not in written]
-                _parallel(lambda item: store.put(node_object_key(item[0]), item[1]), nodes,
-                          self._workers)
-                written.update(d for d, _ in nodes)
-                pending.nodes = {}  # written: only the root and the install are left
-                # Remembered until settled; a few are enough (an old one we
-                # forgot about only ever turns into a spurious Fenced).
-                self._candidates = [*self._candidates[-(MAX_CANDIDATES - 1):], pending]
-                try:
-                    etag = self._cas_root(store, pending.root_bytes, if_match=self._etag)
-                except _RootChanged as changed:
-                    landed = next((c for c in self._candidates if c.root_bytes == changed.data),
-                                  None)
-                    if landed is None or landed is pending:
-                        raise self._fence(changed) from None
-                    self._install(landed, changed.etag)
-                    continue
-                self._install(pending, etag)
-                self.stats = replace(pending.stats, seconds=time.monotonic() - started)
-                return etag
-            raise StoreUnavailable(f"volume {self.volume!r}: commit did not settle")
+            pending = self._land(store, lambda: self._prepare(cut_seq, meta))
+            assert pending is not None and self._etag is not None  # _prepare always commits
+            self.stats = replace(pending.stats, seconds=time.monotonic() - started)
+            return self._etag
+
+    def grow(self, new_size: int, *, store: ObjectStore | None = None) -> int:
+        """Commits, as the next version, a root of `new_size` bytes; returns
+        the version whose size is `new_size` (the current one if it already
+        is: equal is a no-op).
+
+        Every block keeps its place and its mapping; blocks past the old end
+        read as zeros. The tree is extended, never rebuilt: the old last
+        inner node of each level gains slots (rewritten, as are its
+        ancestors), and if the volume now needs more top-level nodes than one
+        inner node holds, new levels go on top of the old tree, whose nodes
+        are referenced unchanged. Costs one node per level plus the root,
+        whatever the size. Uncommitted changes stay uncommitted (the next
+        `commit` writes them, under the grown geometry).
+
+        Same compare-and-swap and fencing as `commit`: Fenced if another
+        writer owns the volume, StoreUnavailable if the outcome could not be
+        learned (retry; a grow that had landed is recognised). InvalidRequest
+        for a size that is not a multiple of the block size, is smaller than
+        now (volumes never shrink) or is past 2^64-1."""
+        with self._write_lock:
+            self._check_writable()
+            if not self._owner:
+                raise NotOwner(f"volume {self.volume!r}: call take_ownership() before growing")
+            size = self._root.size
+            if type(new_size) is not int or new_size % BLOCK_SIZE or new_size > MAX_U64:
+                raise InvalidRequest(f"volume {self.volume!r}: a new size must be a multiple of "
+                                     f"{BLOCK_SIZE} bytes up to 2^64-1, got {new_size!r}")
+            if new_size < size:
+                raise InvalidRequest(f"volume {self.volume!r} is {size} bytes; volumes only "
+                                     f"grow (asked for {new_size})")
+            if new_size == size:
+                return self._root.version
+            self._land(self.store if store is None else store,
+                       lambda: self._prepare_grow(new_size))
+            return self._root.version  # ours: installed under the write lock we hold
 
     def take_ownership(self, writer: str) -> str:
         """Makes `writer` the volume's only writer: bumps the epoch with a CAS
@@ -617,6 +648,100 @@ class Manifest:
             raise NotOwner("a read-only view (Manifest.at) cannot be changed")
         if self._fenced is not None:
             raise self._fenced
+
+    def _land(self, store: ObjectStore,
+              prepare: Callable[[], _Pending | None]) -> _Pending | None:
+        """Writes the nodes of what `prepare` returns, CASes its root and
+        installs it; returns it (the root's ETag is then `self._etag`).
+        `prepare` runs again after an earlier ambiguous commit of ours turns
+        out to have landed (installed first); if it then returns None, that
+        commit already did what was asked and this returns None too."""
+        written: set[bytes] = set()
+        # Each round either lands, fails, or discovers that an earlier
+        # ambiguous commit of ours landed, installs it and goes again.
+        for _ in range(len(self._candidates) + 2):
+            pending = prepare()
+            if pending is None:
+                return None
+            nodes = [(d, b) for d, b in pending.nodes.items() if d not in written]
+            _parallel(lambda item: store.put(node_object_key(item[0]), item[1]), nodes,
+                      self._workers)
+            written.update(d for d, _ in nodes)
+            pending.nodes = {}  # written: only the root and the install are left
+            # Remembered until settled; a few are enough (an old one we
+            # forgot about only ever turns into a spurious Fenced).
+            self._candidates = [*self._candidates[-(MAX_CANDIDATES - 1):], pending]
+            try:
+                etag = self._cas_root(store, pending.root_bytes, if_match=self._etag)
+            except _RootChanged as changed:
+                landed = next((c for c in self._candidates if c.root_bytes == changed.data),
+                              None)
+                if landed is None or landed is pending:
+                    raise self._fence(changed) from None
+                self._install(landed, changed.etag)
+                continue
+            self._install(pending, etag)
+            return pending
+        raise StoreUnavailable(f"volume {self.volume!r}: commit did not settle")
+
+    def _prepare_grow(self, new_size: int) -> _Pending | None:
+        """The commit that makes the committed tree `new_size` bytes (None if
+        it already is: an earlier grow of ours landed). Reads, never changes,
+        the manifest's state."""
+        if new_size == self._root.size:
+            return None
+        old, fanout = self._geo, self._fanout
+        new = Geometry(new_size // BLOCK_SIZE, self._span, fanout)
+        nodes: dict[bytes, bytes] = {}
+        inners: dict[tuple[int, int], tuple[list[bytes | None], bytes | None]] = {}
+
+        def store_inner(level: int, index: int, children: list[bytes | None]) -> bytes | None:
+            digest = None
+            if any(c is not None for c in children):
+                node = encode_node(KIND_INNER, encode_inner(level, index, children))
+                digest = xxhash.xxh3_128_digest(node)
+                nodes[digest] = node
+            inners[(level, index)] = (children, digest)
+            return digest
+
+        # Only the last node of each old level can have fewer than `fanout`
+        # slots, so only the path to the last leaf changes below the old top.
+        self._leaf_digest(old.nleaves - 1)  # loads that path (committed nodes)
+        carry: tuple[int, bytes | None] | None = None  # (index, new digest) of a changed child
+        for level in range(1, self._levels + 1):
+            index = old.count(level) - 1
+            with self._lock:
+                inner = self._inners.get((level, index))
+            slots = new.slots(level, index)
+            if inner is None or (carry is None and slots == len(inner.children)):
+                carry = None  # absent (nothing below it either) or unchanged
+                continue
+            children = inner.children + [None] * (slots - len(inner.children))
+            if carry is not None:
+                children[carry[0] % fanout] = carry[1]
+            digest = store_inner(level, index, children)
+            carry = (index, digest) if digest != inner.digest else None
+        # The old top level, sparse: a huge grow must not build lists of
+        # empty slots. New levels above it group it `fanout` at a time.
+        below = {i: d for i, d in enumerate(self._top) if d is not None}
+        if carry is not None:
+            below[carry[0]] = carry[1]
+        for level in range(self._levels + 1, new.levels + 1):
+            groups: dict[int, list[bytes | None]] = {}
+            for i, digest in below.items():
+                group = groups.setdefault(i // fanout, [None] * new.slots(level, i // fanout))
+                group[i % fanout] = digest
+            below = {index: store_inner(level, index, children)
+                     for index, children in groups.items()}
+        top: list[bytes | None] = [None] * new.count(new.levels)
+        for i, digest in below.items():
+            top[i] = digest
+        root = replace(self._root, size=new_size, version=self._root.version + 1,
+                       children=tuple(d.hex() if d else None for d in top))
+        root_bytes = root.encode()
+        inner_bytes = sum(len(node) for node in nodes.values())
+        stats = CommitStats(root.version, 0, len(nodes), 0, inner_bytes, len(root_bytes))
+        return _Pending(root, root_bytes, {}, inners, top, nodes, stats)
 
     def _prepare(self, cut_seq: int | None, meta: Mapping[str, Any] | None) -> _Pending:
         fanout = self._fanout
@@ -676,6 +801,8 @@ class Manifest:
     def _install(self, pending: _Pending, etag: str | None) -> None:
         """Makes a commit that landed the committed state."""
         with self._lock:
+            if pending.root.size != self._root.size:
+                self._regrow_locked(pending.root)
             for leaf_no, (leaf, digest) in pending.leaves.items():
                 current = self._dirty.get(leaf_no)
                 if current is leaf:
@@ -697,12 +824,37 @@ class Manifest:
             self._etag = etag
             self._candidates.clear()
 
+    def _regrow_locked(self, root: Root) -> None:
+        """Switches to the geometry of `root`, a grown version of this tree,
+        before its nodes are installed. What is cached stays valid at the same
+        positions, except that the old last node of each level gains empty
+        slots; a dirty leaf's path gets (empty) nodes on the new levels, which
+        its next commit fills."""
+        old_levels, geo = self._levels, root.geometry
+        self._geo, self._levels = geo, geo.levels
+        self._tree_gen += 1  # a lookup that loaded a node of the old shape does not cache it
+        for (level, index), inner in list(self._inners.items()):
+            slots = geo.slots(level, index)
+            if len(inner.children) != slots:
+                self._inners[(level, index)] = _Inner(
+                    level, index, inner.children + [None] * (slots - len(inner.children)),
+                    inner.digest)
+        for leaf_no in self._dirty:
+            for level in range(old_levels + 1, self._levels + 1):
+                index = leaf_no // self._fanout ** level
+                if (level, index) not in self._inners:
+                    self._inners[(level, index)] = _Inner(
+                        level, index, [None] * geo.slots(level, index), None)
+
     def _reset(self, root: Root, etag: str | None) -> None:
-        """Adopts another root of this volume (only with nothing dirty)."""
-        if (root.size, root.leaf_span, root.inner_fanout) != (
-                self._root.size, self._root.leaf_span, self._root.inner_fanout):
+        """Adopts another root of this volume (only with nothing dirty). It
+        may be larger: another writer grew the volume."""
+        if (root.leaf_span, root.inner_fanout) != (self._root.leaf_span,
+                                                   self._root.inner_fanout):
             raise FormatError(f"volume {self.volume!r}: geometry changed under us")
         with self._lock:
+            if root.size != self._root.size:
+                self._geo, self._levels = root.geometry, root.geometry.levels
             self._root = root
             self._etag = etag
             self._top = [bytes.fromhex(c) if c else None for c in root.children]
