@@ -164,12 +164,13 @@ def test_grow_with_eviction_and_read_through(tmp_path: Path) -> None:
     v.checkpoint()
     v.set_remote(0, n)
     stop = threading.Event()
+    fetcher_stop = threading.Event()  # last: a reader may wait on a miss until then
     errors: list[str] = []
     fresh: dict[int, bytes] = {}
 
     def fetcher() -> None:
         import select
-        while not stop.is_set():
+        while not fetcher_stop.is_set():
             select.select([v.miss_fd()], [], [], 0.02)
             for lba in v.take_misses():
                 v.install(lba, store[lba])
@@ -186,8 +187,10 @@ def test_grow_with_eviction_and_read_through(tmp_path: Path) -> None:
             if v.read(lba * BS, BS) != store[lba]:
                 errors.append(f"lba {lba}: wrong content after eviction")
 
-    threads = [threading.Thread(target=fetcher), threading.Thread(target=evictor)]
+    fetch = threading.Thread(target=fetcher)
+    threads = [threading.Thread(target=evictor)]
     threads += [threading.Thread(target=reader, args=(s,)) for s in range(2)]
+    fetch.start()
     for t in threads:
         t.start()
     try:
@@ -201,6 +204,9 @@ def test_grow_with_eviction_and_read_through(tmp_path: Path) -> None:
         stop.set()
         for t in threads:
             t.join(30)
+        fetcher_stop.set()
+        fetch.join(30)
+    assert not any(t.is_alive() for t in [*threads, fetch])
     assert not errors, errors[:5]
     v.checkpoint()
     v.evict_to(0)  # only store blocks may go
