@@ -244,7 +244,22 @@ class Control:
             "ublk volume=%s device=/dev/ublkb%d %s", name, dev,
             "recovered (re-attached after the previous daemon)" if recovered else "created",
         )
+        self._warn_if_smaller(name, vol, dev)
         return dev
+
+    @staticmethod
+    def _warn_if_smaller(name: str, vol: _native.Volume, dev: int) -> None:
+        """A device older than the volume's last grow keeps its old size on a
+        kernel without UBLK_U_CMD_UPDATE_SIZE (Linux < 6.16)."""
+        try:
+            dev_bytes = int(Path(f"/sys/block/ublkb{dev}/size").read_text()) * 512
+        except (OSError, ValueError):
+            return
+        if dev_bytes < vol.size:
+            log.warning("ublk volume=%s device=/dev/ublkb%d has %d bytes, the volume %d: this "
+                        "kernel cannot resize a ublk device (needs Linux >= 6.16); restart the "
+                        "daemon once with --release-devices, when the guest can lose the device "
+                        "for a moment, to give it the full size", name, dev, dev_bytes, vol.size)
 
     def _export(self, name: str, size: int) -> Export:
         vol = self.served[name].sv.vol
@@ -317,8 +332,9 @@ class Control:
         if e.ublk_dev is not None:
             updated = e.sv.vol.ublk_update_size()
             ublk = (" ublk=updated" if updated else
-                    " ublk=unchanged (the kernel has no size-update command; the device "
-                    "shows the new size once it is re-created)")
+                    " ublk=unchanged (this kernel cannot resize a ublk device, Linux >= 6.16 "
+                    "can; the device gets the new size when it is re-created: restart once "
+                    "with --release-devices)")
         # New NBD connections negotiate the new size; established ones keep theirs.
         self.exports[name] = self._export(name, size)
         log.info("grew volume=%s size=%d%s", name, size, ublk)

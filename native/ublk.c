@@ -603,14 +603,12 @@ int ublk_attach(struct volume *v, const struct ublk_config *cfg, struct ublk_dev
             } else {
                 recover = 1;
             }
-            if (recover && resize && !can_update_size(&c)) {
-                snprintf(err, errlen, "ublk device %d has %llu bytes but the volume grew to %llu, and this kernel "
-                         "cannot resize a ublk device (UBLK_U_CMD_UPDATE_SIZE needs Linux >= 6.16); remove the "
-                         "device (--release-devices) so that a new one is created",
-                         cfg->dev_id, (unsigned long long)dev_size, (unsigned long long)v->size);
-                rc = -EINVAL;
-                goto fail;
-            }
+            /* A kernel that cannot resize (before 6.16) gets the device back at
+             * its old size rather than a refusal: the guest's I/O is waiting on
+             * this device, every request it can send lies inside the volume,
+             * and the caller reports the smaller size (it reads it from sysfs).
+             * A device created afresh (--release-devices) has the full size. */
+            if (recover && resize && !can_update_size(&c)) resize = 0;
         } else if (rc != -ENODEV && rc != -ENOENT) {
             snprintf(err, errlen, "GET_DEV_INFO for ublk device %d: %s", cfg->dev_id, strerror(-rc));
             goto fail;

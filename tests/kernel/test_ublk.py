@@ -45,6 +45,26 @@ fsck.ext4 -n -f /dev/ublkb0 > /tmp/fsck.log 2>&1 || {{ cat /tmp/fsck.log; fail "
 mount /dev/ublkb0 /mnt/v
 ( cd /mnt/v && sha256sum -c --quiet /tmp/sums ) || fail "checksums differ after remount"
 umount /mnt/v
+step "grow through the API: 6.12 cannot resize a ublk device, which keeps serving"
+mount /dev/ublkb0 /mnt/v
+curl -sS --fail-with-body --unix-socket /tmp/gd/admin.sock -X PATCH \
+    -H 'content-type: application/json' -d '{{"size": 1073741824}}' \
+    http://x/v1/volumes/vol0 > /tmp/grow.json || {{ cat /tmp/grow.json; fail "grow"; }}
+grep -q '"size":1073741824' /tmp/grow.json || {{ cat /tmp/grow.json; fail "grow answer"; }}
+grep -q "grew volume=vol0 size=1073741824 ublk=unchanged" /tmp/gd/daemon.log \
+    || fail "no grow log line"
+expect_eq "device size after grow" "$(blockdev --getsize64 /dev/ublkb0)" "536870912"
+head -c 1M /dev/urandom > /mnt/v/after-grow && sync -f /mnt/v/after-grow
+( cd /mnt/v && sha256sum f* after-grow > /tmp/sums )
+umount /mnt/v
+step "a restart recovers the smaller device instead of refusing, and says so"
+kill -TERM "$GLIDEFS_PID"; wait "$GLIDEFS_PID" || true
+start_glidefs /tmp/gd {SERVE}
+grep -q "has 536870912 bytes, the volume 1073741824" /tmp/gd/daemon.log \
+    || fail "no warning about the smaller device"
+mount /dev/ublkb0 /mnt/v
+( cd /mnt/v && sha256sum -c --quiet /tmp/sums ) || fail "checksums differ after recovery"
+umount /mnt/v
 step "release the device on shutdown when asked"
 kill -TERM "$GLIDEFS_PID"; wait "$GLIDEFS_PID" || true
 start_glidefs /tmp/gd {SERVE} --release-devices
@@ -53,6 +73,13 @@ mount /dev/ublkb0 /mnt/v
 umount /mnt/v
 stop_glidefs
 [ ! -e /dev/ublkb0 ] || fail "/dev/ublkb0 still exists after --release-devices"
+step "a new device has the grown size (the registry keeps it over the config's 512M)"
+start_glidefs /tmp/gd {SERVE}
+expect_eq "new device size" "$(blockdev --getsize64 /dev/ublkb0)" "1073741824"
+mount /dev/ublkb0 /mnt/v
+( cd /mnt/v && sha256sum -c --quiet /tmp/sums ) || fail "checksums differ on the new device"
+umount /mnt/v
+stop_glidefs
 echo ALL-OK
 """,
         timeout=420,
