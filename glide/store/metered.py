@@ -11,6 +11,7 @@ missing key or a lost compare-and-swap is the protocol working).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -67,68 +68,48 @@ class MeteredStore(ForwardingStore):
             return {op: OpSnapshot(c.requests, c.errors, c.bytes, c.duration.snapshot())
                     for op, c in self.ops.items()}
 
+    @contextlib.contextmanager
+    def _request(self, op: str,
+                 answers: tuple[type[BaseException], ...] = ()) -> Iterator[list[int]]:
+        """Times one request; the body appends the bytes it moved."""
+        t0 = time.monotonic()
+        moved: list[int] = []
+        try:
+            yield moved
+        except answers:  # the protocol answering, not failing
+            self._count(op, t0, 0, False)
+            raise
+        except GeneratorExit:  # a LIST whose reader stopped early
+            self._count(op, t0, 0, False)
+            raise
+        except BaseException:
+            self._count(op, t0, 0, True)
+            raise
+        self._count(op, t0, sum(moved), False)
+
     def get_with_info(
         self, key: str, start: int | None = None, end: int | None = None
     ) -> tuple[bytes, ObjectInfo]:
-        t0 = time.monotonic()
-        try:
+        with self._request("get", (NotFound,)) as moved:
             data, info = self.inner.get_with_info(key, start, end)
-        except NotFound:
-            self._count("get", t0, 0, False)
-            raise
-        except BaseException:
-            self._count("get", t0, 0, True)
-            raise
-        self._count("get", t0, len(data), False)
+            moved.append(len(data))
         return data, info
 
     def put(self, key: str, data: Data, *, if_match: str | None = None,
             if_none_match: bool = False) -> str:
-        t0 = time.monotonic()
-        try:
+        with self._request("put", (PreconditionFailed,)) as moved:
             etag = self.inner.put(key, data, if_match=if_match, if_none_match=if_none_match)
-        except PreconditionFailed:
-            self._count("put", t0, 0, False)
-            raise
-        except BaseException:
-            self._count("put", t0, 0, True)
-            raise
-        self._count("put", t0, len(memoryview(data)), False)
+            moved.append(len(memoryview(data)))
         return etag
 
     def head(self, key: str) -> ObjectInfo:
-        t0 = time.monotonic()
-        try:
-            info = self.inner.head(key)
-        except NotFound:
-            self._count("head", t0, 0, False)
-            raise
-        except BaseException:
-            self._count("head", t0, 0, True)
-            raise
-        self._count("head", t0, 0, False)
-        return info
+        with self._request("head", (NotFound,)):
+            return self.inner.head(key)
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        t0 = time.monotonic()
-        try:
+        with self._request("list"):
             yield from self.inner.list(prefix)
-        except GeneratorExit:  # the caller stopped reading: not an error
-            self._count("list", t0, 0, False)
-            raise
-        except BaseException:
-            self._count("list", t0, 0, True)
-            raise
-        self._count("list", t0, 0, False)
 
     def delete(self, key: str, *, if_unmodified_since: datetime | None = None) -> None:
-        t0 = time.monotonic()
-        try:
+        with self._request("delete", (NotFound, PreconditionFailed)):
             self.inner.delete(key, if_unmodified_since=if_unmodified_since)
-        except (NotFound, PreconditionFailed):
-            self._count("delete", t0, 0, False)
-            raise
-        except BaseException:
-            self._count("delete", t0, 0, True)
-            raise
-        self._count("delete", t0, 0, False)
