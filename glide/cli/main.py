@@ -191,23 +191,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_drain(args: argparse.Namespace) -> int:
     from glide.daemon.drain import drain_volume
+    from glide.volume.registry import VolumeRegistry
 
     try:
         cfg = _base_config(args)
         ensure_default_volume(cfg)
-        match = [v for v in cfg.volumes if v.name == args.name]
+        # The daemon's rule: config and API volumes together, sizes grown.
+        served = VolumeRegistry.load(cfg.data_dir).served_volumes(cfg, persist=False)
+        match = [v for v in served if v.name == args.name]
         if args.size:
             cfg.volumes = [VolumeConfig(args.name, parse_size(args.size, "--size"))]
         elif match:
             cfg.volumes = match
         else:
-            raise ConfigError(f"no volume named {args.name!r} in the configuration; "
-                              "give its --size")
+            raise ConfigError(f"no volume named {args.name!r} in the configuration or in "
+                              f"{cfg.data_dir / 'volumes.json'}; give its --size")
         cfg.data_dir = cfg.data_dir.absolute()
         validate(cfg)
     except ConfigError as e:
         print(f"glidefs: configuration error: {e}", file=sys.stderr)
         return 2
+    except GlideError as e:  # a damaged volumes.json
+        print(f"glidefs: {e}", file=sys.stderr)
+        return e.exit_code
     return _run(f"drain {args.name}", lambda: drain_volume(cfg, cfg.volumes[0], print))
 
 

@@ -102,14 +102,15 @@ class VolumeRegistry:
 
     # ---- the rule ----
 
-    def served_volumes(self, cfg: Config) -> list[VolumeConfig]:
-        """The volumes to serve, config first, then API volumes by name."""
+    def served_volumes(self, cfg: Config, persist: bool = True) -> list[VolumeConfig]:
+        """The volumes to serve, config first, then API volumes by name.
+        `persist=False` only looks (offline commands): nothing is written."""
         configured = [v for v in cfg.volumes if not v.implicit]
         if not configured and not self.existed:
             implicit = [v for v in cfg.volumes if v.implicit]
             for v in implicit:  # the embedded default becomes an API volume
                 self.entries[v.name] = RegistryEntry(v.size, "api", time.time())
-        if not self.existed:
+        if not self.existed and persist:
             self.save()
             self.existed = True
         out = []

@@ -35,3 +35,19 @@ def test_drain_prints_progress_and_gc_writes_a_textfile(daemon, tmp_short):
     assert values["glidefs_gc_last_run_success"] == 1
     assert values["glidefs_gc_reachable_objects"] > 0
     assert values["glidefs_gc_deleted_objects"] == 0  # dry run
+
+
+def test_drain_finds_api_volumes_in_the_registry(daemon):
+    d = daemon
+    p = subprocess.run([*GLIDEFS, "volume", "create", "api1", "32M", "--data-dir",
+                        str(d.data_dir)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    qemu_io(d.uri("api1"), "write -P 0x24 0 8M")
+    d.kill9()
+    p = subprocess.run([*GLIDEFS, "volume", "drain", "api1", "--data-dir", str(d.data_dir)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "drain api1: 2048 dirty blocks" in p.stdout
+    p = subprocess.run([*GLIDEFS, "volume", "drain", "nope", "--data-dir", str(d.data_dir)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "volumes.json" in p.stderr
