@@ -115,7 +115,9 @@ class Control:
 
     @property
     def volumes(self) -> dict[str, ServedVolume]:
-        return {n: e.sv for n, e in self.served.items()}
+        # dict() copies in one C call: safe from a worker thread while the
+        # loop adds or removes a volume.
+        return {n: e.sv for n, e in dict(self.served).items()}
 
     def ready(self) -> tuple[bool, str]:
         if self.phase != "serving":
@@ -186,11 +188,14 @@ class Control:
             "data_dir": str(self.cfg.data_dir),
             "store": self.cfg.store.describe(self.cfg.data_dir),
             "handoff": {"state": "none"},
-            "volumes": [self._summary(n) for n in sorted(self.served)],
+            "volumes": [v for n in sorted(dict(self.served)) if (v := self._summary(n))],
         }
 
-    def _summary(self, name: str) -> dict[str, Any]:
-        info = self.volume_info(name)
+    def _summary(self, name: str) -> dict[str, Any] | None:
+        try:
+            info = self.volume_info(name)
+        except (NoSuchVolume, ValueError):  # deleted (and closed) while we looked
+            return None
         keys = ("name", "size", "origin", "connections", "dirty_bytes", "cache_bytes",
                 "last_committed_version", "last_commit_age_seconds", "read_only")
         return {k: info[k] for k in keys} | {"ublk_device": info["exports"]["ublk_device"]}
@@ -319,6 +324,9 @@ class Control:
                                      f"(asked for {size})")
             if size > current:
                 await asyncio.to_thread(self._grow, name, e, size)
+                # New NBD connections negotiate the new size; established
+                # ones keep theirs.
+                self.exports[name] = self._export(name, size)
         return await asyncio.to_thread(self.volume_info, name)
 
     def _grow(self, name: str, e: Exported, size: int) -> None:
@@ -335,8 +343,6 @@ class Control:
                     " ublk=unchanged (this kernel cannot resize a ublk device, Linux >= 6.16 "
                     "can; the device gets the new size when it is re-created: restart once "
                     "with --release-devices)")
-        # New NBD connections negotiate the new size; established ones keep theirs.
-        self.exports[name] = self._export(name, size)
         log.info("grew volume=%s size=%d%s", name, size, ublk)
 
     async def sync_volume(self, name: str) -> dict[str, Any]:
@@ -388,13 +394,13 @@ class Control:
         if self.scheduler is not None:
             await asyncio.to_thread(self.scheduler.remove, name)
 
-        def restore() -> None:
+        async def restore() -> None:
             self.exports[name] = export
             if self.scheduler is not None:
-                self.scheduler.add(name, e.sv)
+                await asyncio.to_thread(self.scheduler.add, name, e.sv)
 
         if not force and await asyncio.to_thread(connections):  # one slipped in
-            await asyncio.to_thread(restore)
+            await restore()
             raise VolumeBusy(f"volume {name!r} got a client while being deleted; retry, or "
                              "delete with force")
         await asyncio.to_thread(e.sv.vol.shutdown_connections, 5000)
@@ -406,14 +412,14 @@ class Control:
                 log.info("delete volume=%s: final sync blocks=%d manifest_version=%d", name,
                          0 if st is None else st.blocks, version)
             except BaseException as err:
-                await asyncio.to_thread(restore)
+                await restore()
                 log.error("delete volume=%s aborted: the final sync failed (%s); the volume "
                           "is still served", name, err)
                 raise
         try:
             await asyncio.to_thread(self.registry.record_delete, name)
         except BaseException:
-            await asyncio.to_thread(restore)
+            await restore()
             raise
         del self.served[name]
         await asyncio.to_thread(self._remove_local, name, e, purge)
