@@ -1,0 +1,24 @@
+"""Named crash points for handoff fault injection.
+
+Mirrors native/crash_point.c: when GLIDE_CRASH_POINT names the point reached,
+the process SIGKILLs itself there (no cleanup, no atexit), as a real crash would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+S_AFTER_WARMING = "handoff.s.after_warming"
+S_AFTER_READY = "handoff.s.after_ready"
+S_AFTER_PREDS_DEAD = "handoff.s.after_preds_dead"  # before ALIVE
+P_AFTER_HELLO_ACK = "handoff.p.after_hello_ack"
+P_DURING_FREEZE = "handoff.p.during_freeze"
+P_AFTER_CUTOVER = "handoff.p.after_cutover"
+P_AFTER_PREDS_DEAD = "handoff.p.after_preds_dead"
+
+
+def crash_point(name: str) -> None:
+    # Read the variable on every call: tests set it per subprocess.
+    if os.environ.get("GLIDE_CRASH_POINT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
