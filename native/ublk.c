@@ -420,11 +420,12 @@ static void *queue_main(void *arg) {
         drain_done(q);
     }
     /* Commits prepared by the last drain still have to reach the kernel.
-     * Closing the ring then cancels the remaining fetches; with recovery
-     * enabled the kernel requeues their requests for the next daemon. */
+     * The ring stays open: this thread's exit cancels its remaining fetches
+     * (with recovery enabled the kernel requeues their requests for the next
+     * daemon), and the joining thread closes the ring afterwards. Closing it
+     * here, from a still-running thread, can hang the kernel's quiesce work
+     * for good on 6.12 (see ../shared/design/handoff.md). */
     io_uring_submit(&q->ring);
-    io_uring_queue_exit(&q->ring);
-    q->ring_ok = 0;
     return NULL;
 }
 
@@ -435,6 +436,10 @@ static void free_device(struct ublk_device *d) {
     if (d->queues) {
         for (int i = 0; i < d->cfg.nr_queues; i++) {
             struct ublk_queue *q = &d->queues[i];
+            /* Only after every queue thread has exited (stop_queues): rings
+             * first, then the descriptor mappings and /dev/ublkcN below. */
+            if (q->ring_ok) io_uring_queue_exit(&q->ring);
+            q->ring_ok = 0;
             if (q->descs && q->descs != MAP_FAILED) munmap(q->descs, q->descs_len);
             if (q->bufs && q->bufs != MAP_FAILED) munmap(q->bufs, q->bufs_len);
             if (q->efd >= 0) close(q->efd);
@@ -616,7 +621,19 @@ int ublk_attach(struct volume *v, const struct ublk_config *cfg, struct ublk_dev
     }
 
     if (recover) {
-        rc = ctrl_cmd(&c, UBLK_U_CMD_START_USER_RECOVERY, (uint32_t)d->dev_id, 0, NULL, 0);
+        /* EBUSY until the device is QUIESCED and the last holder of
+         * /dev/ublkcN (fd, mmap, pending ring command) has let go, which the
+         * kernel finishes asynchronously after the previous daemon exits. */
+        for (int tries = 0;; tries++) {
+            rc = ctrl_cmd(&c, UBLK_U_CMD_START_USER_RECOVERY, (uint32_t)d->dev_id, 0, NULL, 0);
+            if (rc != -EBUSY || tries >= 10000) break;
+            usleep(1000);
+        }
+        if (rc == -EBUSY) {
+            snprintf(err, errlen, "START_USER_RECOVERY on ublk device %d: still busy after 10 s; another process "
+                     "may still hold /dev/ublkc%d", d->dev_id, d->dev_id);
+            goto fail;
+        }
         if (rc < 0) {
             snprintf(err, errlen, "START_USER_RECOVERY on ublk device %d: %s", d->dev_id, strerror(-rc));
             goto fail;
