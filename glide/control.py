@@ -454,11 +454,3 @@ class Control:
     def begin_stop(self) -> None:
         self.phase = "stopping"
         self.detail = "draining connections"
-
-
-def data_dir_volumes(data_dir: Path) -> list[str]:
-    """Volume directories on disk (served or not), for diagnostics."""
-    vdir = data_dir / "volumes"
-    if not vdir.is_dir():
-        return []
-    return sorted(p.name for p in vdir.iterdir() if p.is_dir() and p.name != TRASH_DIR)

@@ -55,26 +55,12 @@ def _cumulative(bounds: Sequence[float], counts: Sequence[int]) -> list[tuple[st
     return out
 
 
-def _fallback_io(stats: dict[str, int]) -> dict[str, Any]:
-    """Counters from stats() for an extension without metrics() (no latency)."""
-    empty = (0,) * 13
-    count = {"read": ("reads", "read_bytes"), "write": ("writes", "write_bytes"),
-             "flush": ("flushes", None), "trim": ("trims", None),
-             "write_zeroes": ("zeroes", None)}
-    ops = {}
-    for op, (req, nbytes) in count.items():
-        ops[op] = {"requests": stats.get(req, 0), "bytes": stats.get(nbytes, 0) if nbytes else 0,
-                   "errors": 0, "buckets": empty, "sum_ns": 0}
-    return {"ops": ops, "inflight": 0, "cache_hits": 0, "cache_misses": stats.get("misses", 0),
-            "cache_evicted_bytes": stats.get("evictions", 0) * BLOCK_SIZE}
-
-
 class DaemonCollector:
     """Reads a control facade's volumes and store at scrape time."""
 
     def __init__(self, control: Any) -> None:  # noqa: ANN401
         self.control = control
-        self.bounds: tuple[float, ...] = getattr(_native, "LATENCY_BUCKETS", ())
+        self.bounds: tuple[float, ...] = _native.LATENCY_BUCKETS
 
     def describe(self) -> list[Metric]:
         return []  # unchecked collector: families are built per scrape
@@ -126,7 +112,7 @@ class DaemonCollector:
         for name, sv in sorted(c.volumes.items()):
             try:
                 stats = sv.vol.stats()
-                m = sv.vol.metrics() if hasattr(sv.vol, "metrics") else _fallback_io(stats)
+                m = sv.vol.metrics()
             except (ValueError, OSError):  # closed by a delete meanwhile
                 continue
             for op in IO_OPS:
@@ -134,7 +120,7 @@ class DaemonCollector:
                 io_req.add_metric([name, op], o["requests"])
                 io_bytes.add_metric([name, op], o["bytes"])
                 io_err.add_metric([name, op], o["errors"])
-                if self.bounds and op in TIMED_OPS:
+                if op in TIMED_OPS:
                     io_lat.add_metric([name, op], _cumulative(self.bounds, o["buckets"]),
                                       o["sum_ns"] / 1e9)
             inflight.add_metric([name], m["inflight"])
@@ -157,9 +143,7 @@ class DaemonCollector:
             if s.last_commit_unix is not None:
                 last_commit.add_metric([name], s.last_commit_unix)
             version.add_metric([name], sv.manifest.version)
-        yield from (io_req, io_bytes, io_err)
-        if self.bounds:
-            yield io_lat
+        yield from (io_req, io_bytes, io_err, io_lat)
         yield from (inflight, wal, budget, dirty, size, conns, cached, hits, misses, evicted,
                     syncs, sync_dur, sync_bytes, last_commit, readthrough, version)
         yield from self._store()

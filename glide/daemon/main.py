@@ -99,10 +99,6 @@ class Daemon:
                         "it is longer", st.commit_deadline, request)
         return store, store_identity(store)
 
-    def _nbd_listener(self, path: str) -> socket.socket:
-        s = bind_unix(path, 0o660)
-        return s
-
     async def _accept_loop(self, lsock: socket.socket, default: str) -> None:
         loop = asyncio.get_running_loop()
         assert self.control is not None
@@ -191,7 +187,7 @@ class Daemon:
         stop_wait.cancel()
 
         unix_path = self.cfg.unix_socket_path()
-        self.listen_socks.append(self._nbd_listener(unix_path))
+        self.listen_socks.append(bind_unix(unix_path, 0o660))
         if self.cfg.nbd_tcp:
             self.listen_socks.append(bind_tcp(self.cfg.nbd_tcp, "nbd.tcp"))
         default = next(iter(control.exports), "")
