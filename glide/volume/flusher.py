@@ -26,7 +26,17 @@ Invariants:
     blocks stay DIRTY, the scheduler retries with fresh uploads. Changes a
     failed commit left applied to the manifest ride along with the next
     commit, so their age counts too (`_stale`), unless that commit
-    re-applies every one of their blocks.
+    re-applies every one of their blocks;
+  - a cancelled cycle (`Flusher.cancel`, set by a handoff's pause) commits
+    nothing and leaves the volume as a failed one does, without waiting for
+    the store: no pack build starts after the cancel (a running one ends
+    first, it reads the volume), queued uploads are dropped and those on the
+    wire abandoned (content-addressed PUTs that touch only the store), the
+    write-back is interrupted and has ended when the cycle returns, and no
+    PUT of the commit is sent after it. A root PUT already sent is the one
+    thing waited for: if it lands the cycle counts as committed (REMOTE bits
+    set) but skips the checkpoint, so the WAL and state file stay as they
+    were and the blocks stay DIRTY for the next cycle.
 
 The daemon runs it from glide/volume/scheduler.py through glide/volume/served.py.
 """
@@ -36,16 +46,19 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from itertools import compress, islice
 from operator import itemgetter
+from typing import TypeVar
 
 from glide import _native
 from glide.block import BLOCK_SIZE
+from glide.errors import Conflict
 from glide.repo.deadline import DEFAULT_COMMIT_DEADLINE, CommitDeadlineExceeded, deadline_clock
 from glide.repo.manifest import Manifest, PackBlocks
 from glide.repo.pack import AS_OF_CURRENT, FinishedPack, build_pack
@@ -60,6 +73,66 @@ BUILD_THREADS = max(1, min(8, len(os.sched_getaffinity(0))))
 # Blocks per adopt_local commit (1 GiB): adopting a whole volume in one
 # commit could take longer than the commit deadline on a slow link, forever.
 ADOPT_COMMIT_BLOCKS = 1 << 18
+T = TypeVar("T")
+
+
+class SyncCancelled(Conflict):
+    """A sync cycle stopped because its volume's sync is being paused (a
+    handoff): nothing was committed, the WAL keeps every write and a later
+    cycle syncs it."""
+
+    code = "sync_cancelled"
+
+
+class SyncPaused(SyncCancelled):
+    """A sync refused to start: the volume's sync is paused for a handoff."""
+
+    code = "handoff_in_progress"
+
+
+class SyncCancel:
+    """A flusher's cancellation token. Once set, the running cycle stops at
+    its next safe point and every later one refuses to start, until cleared.
+    `on_set` runs after setting, `on_clear` before clearing (the volume's
+    write-back interruption, which outlives one cycle the same way)."""
+
+    def __init__(self, volume: str, on_set: Callable[[], None] | None = None,
+                 on_clear: Callable[[], None] | None = None) -> None:
+        self.volume = volume
+        self._on_set, self._on_clear = on_set, on_clear
+        self._lock = threading.Lock()
+        # A future, not an Event, so that waiting for an upload can also wait for it.
+        self._fired: Future[None] = Future()
+
+    def set(self) -> None:
+        with self._lock:
+            if not self._fired.done():
+                self._fired.set_result(None)
+        if self._on_set is not None:
+            self._on_set()
+
+    def clear(self) -> None:
+        if self._on_clear is not None:
+            self._on_clear()
+        with self._lock:
+            if self._fired.done():
+                self._fired = Future()
+
+    def is_set(self) -> bool:
+        return self._fired.done()
+
+    def check(self) -> None:
+        if self._fired.done():
+            raise SyncCancelled(f"volume {self.volume}: sync cancelled, a handoff is pausing "
+                                "it; nothing was committed and the WAL keeps every write")
+
+    def result(self, fut: Future[T]) -> T:
+        """`fut`'s result, or SyncCancelled as soon as the token is set (`fut`
+        is then left to run, abandoned)."""
+        wait([fut, self._fired], return_when=FIRST_COMPLETED)
+        if not fut.done():
+            self.check()
+        return fut.result()
 
 
 @dataclass
@@ -125,10 +198,17 @@ class Flusher:
         # (plain ints: a torn read is impossible and staleness is harmless).
         self.progress_done = 0  # blocks packed so far
         self.progress_total = 0  # blocks the cycle covers; 0 when idle
+        # Looked up when used: the write-back interruption may be missing
+        # from an older build of the extension, which only matters once a
+        # pause is asked for.
+        self.cancel = SyncCancel(manifest.volume, lambda: self.volume.cancel_write_back(),
+                                 lambda: self.volume.allow_write_back())
 
     def flush_once(self) -> FlushStats | None:
         """One cycle; None when nothing was dirty. Raises on any failure
-        before the commit (nothing changed) — the caller retries later."""
+        before the commit (nothing changed) — the caller retries later;
+        SyncCancelled once `cancel` is set, unless the root was already sent."""
+        self.cancel.check()
         t0 = time.monotonic()
         vol = self.volume
         cut = vol.flush_cut()
@@ -143,11 +223,28 @@ class Flusher:
         # The checkpoint's copy into the cache file needs only the WAL synced
         # through the cut and changes no state, so it runs beside the pack
         # build (disk beside CPU); making the blocks CLEAN waits for the commit.
+        # It writes the cache file, so even a cancelled cycle waits for it to
+        # end (the cancel interrupts it: InterruptedError).
+        interrupted = False
         with ThreadPoolExecutor(1, thread_name_prefix="write-back") as pool:
             copied = pool.submit(vol.write_back, cut)
             stats = self._commit(dirty, cut, cut, t0)
-            copied.result()
-        vol.checkpoint(cut)
+            try:
+                copied.result()
+            except InterruptedError:
+                interrupted = True
+        # A pause lets a root PUT on the wire finish but must find the WAL and
+        # the state file as they were: the blocks stay DIRTY, and the next
+        # cycle's packs (content-addressed) cover them again cheaply.
+        if not interrupted and not self.cancel.is_set():
+            try:
+                vol.checkpoint(cut)
+                return stats
+            except InterruptedError:
+                if not self.cancel.is_set():
+                    raise
+        log.debug("volume=%s cut=%d: committed, checkpoint skipped (sync cancelled)",
+                  self.manifest.volume, cut)
         return stats
 
     def adopt_local(self) -> FlushStats | None:
@@ -161,6 +258,7 @@ class Flusher:
             return None
         total: FlushStats | None = None
         for lbas in self._adopt_chunks(local):
+            self.cancel.check()  # between commits: one that landed stays (idempotent)
             # These blocks are CLEAN, not versions in the WAL: read what the
             # cache file holds now rather than as of a cut.
             stats = self._commit([(lba, _native.WAL_KIND_DATA) for lba in lbas], AS_OF_CURRENT,
@@ -183,7 +281,9 @@ class Flusher:
 
     def _commit(self, blocks: list[tuple[int, int]], as_of: int, cut: int,
                 t0: float) -> FlushStats:
+        self.cancel.check()
         vol = self.volume
+        cancel = self.cancel
         data_kind = _native.WAL_KIND_DATA
         self.progress_done, self.progress_total = 0, len(blocks)
         # Zeroed and trimmed blocks are never stored: the manifest maps them
@@ -212,21 +312,25 @@ class Flusher:
         # Three stages overlap: the C builder (its own threads, no GIL) makes
         # pack N+1 while this thread records pack N's locations and the
         # upload pool writes the packs before it.
-        with ThreadPoolExecutor(1, thread_name_prefix="pack-build") as builder, \
-                ThreadPoolExecutor(self.upload_workers, thread_name_prefix="pack-upload") as pool:
+        pool = ThreadPoolExecutor(self.upload_workers, thread_name_prefix="pack-upload")
+        with ThreadPoolExecutor(1, thread_name_prefix="pack-build") as builder:
             uploads: deque[Future[str]] = deque()
             building = builder.submit(build, chunks[0]) if chunks else None
             try:
                 for n, lbas in enumerate(chunks):
                     assert building is not None
+                    # Waited for even when cancelled (leaving this block
+                    # does): the builder reads the volume.
                     fp, entries = building.result()
                     self.progress_done += len(lbas)
+                    building = None
+                    cancel.check()  # no new build after a cancel
                     building = builder.submit(build, chunks[n + 1]) if n + 1 < len(chunks) else None
                     if fp is None:  # every block of the chunk was zeros
                         zeros += lbas
                         continue
                     while len(uploads) >= max_pending:
-                        uploads.popleft().result()
+                        cancel.result(uploads.popleft())
                     if first_upload is None:
                         first_upload = deadline_clock()
                     uploads.append(pool.submit(self.store.put, fp.object_key, fp.data))
@@ -240,13 +344,16 @@ class Flusher:
                     else:
                         stored += lbas
                 while uploads:
-                    uploads.popleft().result()  # an upload error ends the cycle before any commit
+                    # an upload error ends the cycle before any commit
+                    cancel.result(uploads.popleft())
             except BaseException:
                 if building is not None:
                     building.cancel()
-                for f in uploads:
-                    f.cancel()
+                # Cancelled: PUTs on the wire are abandoned, not awaited; they
+                # hold only the pack's bytes and touch nothing but the store.
+                pool.shutdown(wait=not cancel.is_set(), cancel_futures=True)
                 raise
+        pool.shutdown()
 
         applied = data + zeros  # every block of `blocks`, some twice
         oldest, stale = first_upload, False
@@ -256,12 +363,18 @@ class Flusher:
         if self._stale is not None and not set(self._stale[1]) <= set(applied):
             oldest, stale = self._stale[0], True  # an earlier attempt: older
             applied += self._stale[1]
-        check = functools.partial(self._check_deadline, oldest, stale)
+        deadline = functools.partial(self._check_deadline, oldest, stale)
+
+        def check() -> None:
+            cancel.check()
+            deadline()
+
         check()  # before apply_packs too, so that a refusal leaves the manifest as it was
         self.manifest.apply_packs(placed, zeros)
         self._stale = None if oldest is None else (oldest, applied)
-        store = self.store if oldest is None else _DeadlineStore(self.store, check)
-        self.manifest.commit(store, cut_seq=cut)
+        # From here a cancel stops every PUT not yet sent; a root PUT already
+        # sent completes, and the commit with it.
+        self.manifest.commit(_GuardedStore(self.store, check), cut_seq=cut)
         self._stale = None
         manifest_bytes = self.manifest.stats.bytes_put if self.manifest.stats else 0
 
@@ -299,11 +412,12 @@ class Flusher:
             f"glidefs gc may already be deleting those packs as unreachable. {advice}")
 
 
-class _DeadlineStore(ForwardingStore):
+class _GuardedStore(ForwardingStore):
     """The store as Manifest.commit sees it: every PUT is checked against the
-    deadline just before it is sent. The root's compare-and-swap retries
-    with backoff, so a check before the whole commit would not bound when
-    the root lands."""
+    deadline and the cancellation token just before it is sent. The root's
+    compare-and-swap retries with backoff, so a check before the whole
+    commit would not bound when the root lands (a retry refused by a cancel
+    leaves an outcome the manifest recognises at its next commit)."""
 
     def __init__(self, inner: ObjectStore, check: Callable[[], None]) -> None:
         super().__init__(inner)

@@ -17,6 +17,13 @@ drain them, so they would otherwise wait on the WAL budget forever).
 Volumes join and leave while it runs (the admin API creates and deletes
 them): the thread owns its own table and changes it only between flushes,
 so `remove` returning means no flush of that volume is running or will run.
+
+A handoff pauses it (`pause`): no flush or eviction starts, every volume's
+sync is paused (a running cycle is cancelled, not awaited: see
+glide/volume/flusher.py), also of volumes added while paused, and `pause`
+returns once this thread is idle. A cancelled or refused sync is not a
+failure: no backoff, no error. `resume` undoes it all; volumes that became
+due meanwhile sync at once.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import time
 from glide.repo.manifest import Fenced
 from glide.repo.pack import FormatError
 from glide.store.base import StoreError
+from glide.volume.flusher import SyncCancelled
 from glide.volume.served import ServedVolume
 
 log = logging.getLogger("glide.flush")
@@ -54,6 +62,10 @@ class FlushScheduler(threading.Thread):
         self.failures: dict[str, int] = {}
         self.retry_at: dict[str, float] = {}
         self._stopping = False
+        # pause/resume run on other threads: they read the table and flip
+        # `_paused` under this lock, and this thread changes the table under it.
+        self._table_lock = threading.Lock()
+        self._paused = False
 
     def stop(self) -> None:
         self._stopping = True
@@ -70,15 +82,48 @@ class FlushScheduler(threading.Thread):
         """Stop scheduling a volume; returns once no flush of it is running."""
         self._command("remove", name, None)
 
-    def _command(self, what: str, name: str, sv: ServedVolume | None) -> None:
+    def pause(self, timeout: float) -> None:
+        """Stops starting flushes and evictions and pauses every volume's sync
+        (ServedVolume.pause_sync), those added later too; returns once no
+        flush or eviction runs. TimeoutError if that takes over `timeout`
+        seconds; everything stays paused then (resume() undoes it)."""
+        deadline = time.monotonic() + timeout
+        with self._table_lock:
+            self._paused = True
+            volumes = list(self.volumes.values())
+            for sv in volumes:  # every running cycle stops at once, in parallel
+                sv.cancel_sync()
+        for sv in volumes:
+            sv.pause_sync(max(0.0, deadline - time.monotonic()))
+        if not self._command("idle", "", None, max(0.0, deadline - time.monotonic())):
+            raise TimeoutError(f"the sync scheduler did not become idle within {timeout:g}s")
+
+    def resume(self) -> None:
+        """Undoes pause: every volume syncs again, those due at once."""
+        with self._table_lock:
+            for sv in self.volumes.values():
+                sv.resume_sync()
+            self._paused = False
+        with contextlib.suppress(OSError):
+            os.write(self.wake_w, b"r")
+
+    def _command(self, what: str, name: str, sv: ServedVolume | None,
+                 timeout: float | None = None) -> bool:
+        """Has this thread apply a command between flushes; False if it did
+        not within `timeout` seconds (it still will)."""
         done = threading.Event()
         self.commands.put((what, name, sv, done))
         if self.is_alive():
             with contextlib.suppress(OSError):
                 os.write(self.wake_w, b"c")
-        while not done.wait(0.2):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not done.wait(0.2 if deadline is None else
+                            max(0.0, min(0.2, deadline - time.monotonic()))):
             if not self.is_alive():  # not started, or stopped: nobody else will apply it
                 self._apply_commands(None, {}, {})
+            elif deadline is not None and time.monotonic() >= deadline:
+                return False
+        return True
 
     def _apply_commands(self, poller: select.poll | None, by_fd: dict[int, str],
                         last: dict[str, float]) -> None:
@@ -88,14 +133,18 @@ class FlushScheduler(threading.Thread):
             except queue.Empty:
                 return
             if what == "add" and sv is not None:
-                self.volumes[name] = sv
+                with self._table_lock:
+                    self.volumes[name] = sv
+                    if self._paused:
+                        sv.cancel_sync()
                 fd = sv.vol.pressure_fd()
                 by_fd[fd] = name
                 if poller is not None:
                     poller.register(fd, select.POLLIN)
                 last[name] = time.monotonic()
             elif what == "remove":
-                self.volumes.pop(name, None)
+                with self._table_lock:
+                    self.volumes.pop(name, None)
                 for fd in [fd for fd, n in by_fd.items() if n == name]:
                     del by_fd[fd]
                     if poller is not None:
@@ -139,7 +188,9 @@ class FlushScheduler(threading.Thread):
             urgent &= set(self.volumes)
             now = time.monotonic()
             for name, sv in self.volumes.items():
-                if sv.fenced or now < self.retry_at.get(name, 0.0):
+                if self._paused:
+                    break
+                if sv.fenced or sv.sync_paused or now < self.retry_at.get(name, 0.0):
                     continue
                 due = name in urgent or now - last[name] >= self.interval
                 if due and (sv.dirty_blocks() or sv.needs_adopt):
@@ -155,6 +206,9 @@ class FlushScheduler(threading.Thread):
         t0 = time.monotonic()
         try:
             st = sv.flush()
+        except SyncCancelled as e:  # paused for a handoff: due again once resumed
+            log.debug("flush not run volume=%s: %s", name, e)
+            return False
         except Fenced as e:
             sv.fence(str(e))
             return False

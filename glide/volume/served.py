@@ -26,7 +26,10 @@ Invariants:
     anything is written;
   - REMOTE bits of a cold open are persisted (checkpoint of a clean volume)
     before the binding is written, so a crash never leaves a bound volume
-    that forgot which blocks the store holds.
+    that forgot which blocks the store holds;
+  - while sync is paused (`pause_sync`, a handoff) no sync cycle, checkpoint
+    or eviction of this volume runs: the successor replays the WAL and reads
+    the state file as they are, so neither may change under it.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from glide.repo.deadline import DEFAULT_COMMIT_DEADLINE
 from glide.repo.manifest import Manifest
 from glide.store.base import NotFound, ObjectStore, PreconditionFailed
 from glide.volume.fetcher import Fetcher
-from glide.volume.flusher import Flusher, FlushStats
+from glide.volume.flusher import Flusher, FlushStats, SyncCancelled, SyncPaused
 from glide.volume.sync_stats import SyncStats
 
 log = logging.getLogger("glide.volume")
@@ -157,6 +160,8 @@ class ServedVolume:
         self.fenced: str | None = None  # why this daemon may no longer write the volume
         self.needs_adopt = False  # blocks from before the volume had a store
         self.flush_lock = threading.Lock()  # one flush at a time (scheduler, drain, stop)
+        self.evict_lock = threading.Lock()  # so that a pause can wait for a running eviction
+        self.sync_paused = False  # pause_sync .. resume_sync: no sync, checkpoint or eviction
         self.sync_stats = SyncStats()
         self.sync_stats.committed_now()  # open took ownership: a commit
 
@@ -290,8 +295,12 @@ class ServedVolume:
     def flush(self) -> FlushStats | None:
         """One flush of everything dirty now (and, once, what predates the
         store). Raises what the flusher raises; Fenced is for the caller to
-        record. Never runs two at once."""
+        record; SyncPaused while sync is paused, SyncCancelled if a pause
+        stopped it (neither counts as a failed sync). Never runs two at once."""
         with self.flush_lock:
+            if self.sync_paused:
+                raise SyncPaused(f"volume {self.name}: a handoff is in progress, so its sync "
+                                 "to the store is paused until the handoff completes or aborts")
             t0 = time.monotonic()
             try:
                 if self.needs_adopt:
@@ -301,6 +310,8 @@ class ServedVolume:
                         log.info("volume=%s: uploaded %d blocks that predate the store",
                                  self.name, st.stored)
                 st = self.flusher.flush_once()
+            except SyncCancelled:
+                raise
             except BaseException as e:
                 self.sync_stats.record(time.monotonic() - t0, ok=False, error=str(e))
                 raise
@@ -310,6 +321,33 @@ class ServedVolume:
                                    nbytes=0 if st is None else st.blocks * BLOCK_SIZE,
                                    committed=st is not None)
             return st
+
+    # ---- pausing for a handoff ----
+
+    def cancel_sync(self) -> None:
+        """What pause_sync does without waiting: new syncs and evictions are
+        refused, and a running sync stops at its next safe point."""
+        self.sync_paused = True
+        self.flusher.cancel.set()
+
+    def pause_sync(self, timeout: float | None = None) -> None:
+        """Stops syncing this volume until resume_sync: returns once no sync
+        cycle or eviction runs, which takes at most one pack build and a root
+        PUT already on the wire, never a whole cycle. TimeoutError if that
+        does not happen within `timeout` seconds (the volume stays paused)."""
+        self.cancel_sync()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for lock in (self.flush_lock, self.evict_lock):
+            left = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+            if not lock.acquire(timeout=left):
+                raise TimeoutError(f"volume {self.name}: its sync did not stop within "
+                                   f"{timeout:g}s")
+            lock.release()
+
+    def resume_sync(self) -> None:
+        """Undoes pause_sync; the next sync covers what was written meanwhile."""
+        self.flusher.cancel.clear()
+        self.sync_paused = False
 
     def fence(self, why: str) -> None:
         """Another writer owns the volume in the store. Writes acknowledged so
@@ -323,7 +361,10 @@ class ServedVolume:
     def evict(self) -> int:
         if self.cache_blocks is None:
             return 0
-        return self.vol.evict_to(self.cache_blocks)
+        with self.evict_lock:
+            if self.sync_paused:  # it writes the state file and punches holes
+                return 0
+            return self.vol.evict_to(self.cache_blocks)
 
     def dirty_blocks(self) -> int:
         return self.vol.stats()["dirty_blocks"]
