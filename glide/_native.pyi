@@ -148,9 +148,19 @@ class Volume:
         meta_id: int = 0,
         initial: Buffer = b"",
         export_size: int = 0,
+        pending_out: Buffer = b"",
     ) -> None:
         """Takes ownership of fd (after the handshake). export_size: what the
-        handshake announced, the connection's bound for life (0: now)."""
+        handshake announced, the connection's bound for life (0: now).
+        pending_out: bytes sent before any reply (a resumed connection's)."""
+    def detach_nbd(
+        self, timeout_ms: int, /
+    ) -> list[tuple[int, bool, int, int, bytes, bytes]]:
+        """Every NBD connection stopped at a request boundary, its socket left
+        open: (fd, structured, meta_id, export_size, unconsumed_in,
+        unsent_out), resumed by serve_nbd(fd, structured, meta_id,
+        unconsumed_in, export_size, unsent_out). TimeoutError: none detached,
+        all keep being served."""
     def shutdown_connections(self, grace_ms: int = 5000, /) -> None: ...
     def attach_ublk(
         self, dev_id: int = -1, queues: int = 1, depth: int = 64, max_io: int = 524288

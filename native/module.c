@@ -11,6 +11,7 @@
 
 #include <errno.h>
 #include <stdint.h>
+#include <unistd.h>
 
 #include "crc32c.h"
 #include "glide_common.h"
@@ -249,26 +250,59 @@ static PyObject *Volume_last_seq(VolumeObject *self, PyObject *Py_UNUSED(ignored
 }
 
 static PyObject *Volume_serve_nbd(VolumeObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"fd", "structured", "meta_id", "initial", "export_size", NULL};
+    static char *kwlist[] = {"fd", "structured", "meta_id", "initial", "export_size", "pending_out", NULL};
     int fd, structured = 0;
     unsigned int meta_id = 0;
     unsigned long long export_size = 0;
-    Py_buffer initial = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "i|pIy*K", kwlist, &fd, &structured, &meta_id, &initial,
-                                     &export_size))
+    Py_buffer initial = {0}, pending = {0};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "i|pIy*Ky*", kwlist, &fd, &structured, &meta_id, &initial,
+                                     &export_size, &pending))
         return NULL;
     if (check_open(self) || export_size > self->v->size) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "export_size is larger than the volume");
         if (initial.obj) PyBuffer_Release(&initial);
+        if (pending.obj) PyBuffer_Release(&pending);
         return NULL;
     }
     /* The size the handshake announced bounds this connection for its life,
-     * also after the volume grows; 0 means the size right now. */
-    struct nbd_conn_opts o = {.structured = structured, .meta_id = meta_id, .export_size = export_size};
+     * also after the volume grows; 0 means the size right now. pending_out:
+     * replies a detached connection still owed its client (detach_nbd). */
+    struct nbd_conn_opts o = {.structured = structured, .meta_id = meta_id, .export_size = export_size,
+                              .unsent = pending.obj ? pending.buf : NULL,
+                              .unsent_len = pending.obj ? (size_t)pending.len : 0};
     int rc = nbd_conn_start(self->v, fd, &o, initial.obj ? initial.buf : NULL, initial.obj ? (size_t)initial.len : 0);
     if (initial.obj) PyBuffer_Release(&initial);
+    if (pending.obj) PyBuffer_Release(&pending);
     if (rc) return raise_errno(rc, "serve_nbd");
     Py_RETURN_NONE;
+}
+
+static PyObject *Volume_detach_nbd(VolumeObject *self, PyObject *args) {
+    int timeout_ms;
+    if (!PyArg_ParseTuple(args, "i", &timeout_ms) || check_open(self)) return NULL;
+    struct nbd_detached *d;
+    size_t n;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = nbd_conns_detach(self->v, timeout_ms, &d, &n);
+    Py_END_ALLOW_THREADS
+    if (rc == -ETIMEDOUT)
+        return PyErr_Format(PyExc_TimeoutError, "NBD connections did not stop within %d ms; all are served on",
+                            timeout_ms);
+    if (rc) return raise_errno(rc, "detach_nbd");
+    PyObject *list = PyList_New((Py_ssize_t)n);
+    for (size_t i = 0; list && i < n; i++) {
+        PyObject *t = Py_BuildValue("(iNIKy#y#)", d[i].fd, PyBool_FromLong(d[i].structured), d[i].meta_id,
+                                    (unsigned long long)d[i].export_size, d[i].in ? (const char *)d[i].in : "",
+                                    (Py_ssize_t)d[i].in_len, d[i].out ? (const char *)d[i].out : "",
+                                    (Py_ssize_t)d[i].out_len); /* y# makes NULL None */
+        if (!t) { Py_CLEAR(list); break; }
+        PyList_SET_ITEM(list, (Py_ssize_t)i, t);
+    }
+    if (!list) /* the sockets must not leak: closing is all that is left */
+        for (size_t i = 0; i < n; i++) close(d[i].fd);
+    nbd_detached_free(d, n);
+    return list;
 }
 
 static PyObject *Volume_grow(VolumeObject *self, PyObject *args) {
@@ -613,7 +647,10 @@ static PyMethodDef Volume_methods[] = {
     {"last_seq", (PyCFunction)Volume_last_seq, METH_NOARGS, "Sequence number of the newest WAL record."},
     {"serve_nbd", (PyCFunction)(void (*)(void))Volume_serve_nbd, METH_VARARGS | METH_KEYWORDS,
      "serve_nbd(fd, structured=False, meta_id=0, initial=b'', export_size=0) — takes ownership of fd; "
-     "export_size: what the handshake announced (0: the size now)"},
+     "export_size: what the handshake announced (0: the size now); pending_out: bytes sent before any reply"},
+    {"detach_nbd", (PyCFunction)Volume_detach_nbd, METH_VARARGS,
+     "detach_nbd(timeout_ms) -> [(fd, structured, meta_id, export_size, unconsumed_in, unsent_out)]: every "
+     "NBD connection stopped at a request boundary, its socket not closed; TimeoutError: none detached"},
     {"grow", (PyCFunction)Volume_grow, METH_VARARGS,
      "grow(new_size): online, while I/O goes on; durable when it returns. A multiple of 4096, not smaller "
      "(ValueError); equal is a no-op. NBD connections keep the size they negotiated."},

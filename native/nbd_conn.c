@@ -1,4 +1,10 @@
-/* nbd_conn.c — per-connection request loop (see nbd_conn.h). */
+/* nbd_conn.c — per-connection request loop and its detach/resume (see nbd_conn.h).
+ *
+ * Invariants: only the connection's thread touches its socket and buffers;
+ * output is one byte stream (c->back, then c->out) so a reply cut by a full
+ * socket is finished by whoever holds the stream next; a detached socket is
+ * out of v->conns before its thread lets go of it, so nbd_conns_shutdown
+ * never shuts down a socket that now belongs to someone else. */
 #define _GNU_SOURCE
 #include "nbd_conn.h"
 
@@ -58,31 +64,83 @@ struct nbd_conn {
     struct parked_read *spare;    /* reused, so a READ costs no malloc */
     int pending;
     int dead; /* the socket failed: stop sending */
+    uint8_t *back; /* output the socket did not take yet: goes out before c->out */
+    size_t back_len, back_cap;
+    atomic_int detach;            /* stop at the next request boundary */
+    _Atomic uint64_t send_dl;     /* detaching: when sending stops waiting (monotonic ms) */
+    struct nbd_detach *dt;        /* (conn_mu) the detach this connection reports to */
     struct nbd_conn *next;
 };
 
-enum { KEEP_GOING = 0, STOP_GRACEFUL = 1, STOP_NOW = 2 };
+/* One nbd_conns_detach call; lives on its caller's stack. */
+struct nbd_detach {
+    int waiting;               /* (conn_mu) flagged, neither detached nor gone */
+    struct nbd_detached *list; /* (conn_mu) room for every flagged connection */
+    size_t n;
+};
+
+enum { KEEP_GOING = 0, STOP_GRACEFUL = 1, STOP_NOW = 2, DETACH = 3 };
+
+static uint64_t now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
 
 /* ---------- output ---------- */
 
-static int send_all(struct nbd_conn *c, const void *buf, size_t len) {
-    const uint8_t *p = buf;
-    while (len && !c->dead) {
-        ssize_t n = send(c->fd, p, len, MSG_NOSIGNAL);
-        if (n < 0) {
-            if (errno == EINTR) continue;
-            c->dead = 1;
-            return -1;
-        }
-        p += n;
-        len -= (size_t)n;
+static int back_append(struct nbd_conn *c, const uint8_t *p, size_t len) {
+    if (c->back_len + len > c->back_cap) {
+        size_t cap = c->back_cap ? c->back_cap : 64 * 1024;
+        while (cap < c->back_len + len) cap *= 2;
+        uint8_t *nb = realloc(c->back, cap);
+        if (!nb) { c->dead = 1; return -1; }
+        c->back = nb;
+        c->back_cap = cap;
     }
-    return c->dead ? -1 : 0;
+    memcpy(c->back + c->back_len, p, len);
+    c->back_len += len;
+    return 0;
 }
 
+/* Bytes of p sent, -1 if the socket failed. Waits for a slow reader, except
+ * when detaching past send_dl: what is left then travels with the socket. */
+static ssize_t send_some(struct nbd_conn *c, const uint8_t *p, size_t len) {
+    size_t done = 0;
+    while (done < len && !c->dead) {
+        ssize_t n = send(c->fd, p + done, len - done, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n >= 0) { done += (size_t)n; continue; }
+        if (errno == EINTR) continue;
+        if (errno != EAGAIN && errno != EWOULDBLOCK) { c->dead = 1; break; }
+        if (atomic_load(&c->detach) && now_ms() >= atomic_load(&c->send_dl)) break;
+        /* ticks, not one long block: a detach must see a client that stopped reading */
+        struct pollfd pfd = {.fd = c->fd, .events = POLLOUT};
+        poll(&pfd, 1, 20);
+    }
+    return c->dead ? -1 : (ssize_t)done;
+}
+
+static int send_back(struct nbd_conn *c) {
+    if (!c->back_len) return 0;
+    ssize_t n = send_some(c, c->back, c->back_len);
+    if (n < 0) return -1;
+    memmove(c->back, c->back + n, c->back_len - (size_t)n);
+    c->back_len -= (size_t)n;
+    return 0;
+}
+
+static int send_all(struct nbd_conn *c, const void *buf, size_t len) {
+    if (c->dead || send_back(c) < 0) return -1;
+    if (c->back_len) return back_append(c, buf, len); /* keep the stream in order */
+    ssize_t n = send_some(c, buf, len);
+    if (n < 0) return -1;
+    if ((size_t)n < len) return back_append(c, (const uint8_t *)buf + n, len - (size_t)n);
+    return 0;
+}
+
+/* Also pushes c->back when c->out is empty. */
 static int flush_out(struct nbd_conn *c) {
-    int rc = 0;
-    if (c->out_len) rc = send_all(c, c->out, c->out_len);
+    int rc = send_all(c, c->out, c->out_len);
     c->out_len = 0;
     return rc;
 }
@@ -393,6 +451,7 @@ static int recv_full(struct nbd_conn *c, uint8_t *buf, size_t len) {
 /* Run every complete request in the input buffer. */
 static int process_input(struct nbd_conn *c) {
     for (;;) {
+        if (atomic_load(&c->detach)) break; /* a request boundary */
         size_t avail = c->in_len - c->in_off;
         const uint8_t *p = c->in + c->in_off;
         struct nbd_request r;
@@ -453,29 +512,87 @@ static void conn_free(struct nbd_conn *c) {
     free(c->in);
     free(c->out);
     free(c->big);
+    free(c->back);
     pthread_mutex_destroy(&c->mu);
     free(c);
+}
+
+/* Serve until the connection ends (STOP_*) or a detach stops it (DETACH). */
+static int serve(struct nbd_conn *c) {
+    int st = process_input(c);
+    while (st == KEEP_GOING) {
+        drain_completions(c);
+        if (flush_out(c) < 0) return STOP_NOW;
+        if (atomic_load(&c->detach)) return DETACH;
+        struct pollfd pfd[2] = {{.fd = c->fd, .events = POLLIN}, {.fd = c->efd, .events = POLLIN}};
+        if (poll(pfd, 2, -1) < 0) {
+            if (errno == EINTR) continue;
+            return STOP_GRACEFUL;
+        }
+        if (pfd[0].revents & (POLLIN | POLLHUP | POLLERR)) {
+            ssize_t n = recv(c->fd, c->in + c->in_len, IN_CAP - c->in_len, 0);
+            if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+            if (n <= 0) return STOP_GRACEFUL; /* replies already owed still go out */
+            c->in_len += (size_t)n;
+            st = process_input(c);
+        }
+    }
+    return st;
+}
+
+/* Called at a request boundary with the detach flag seen. Answers what is
+ * pending, sends what the socket takes until send_dl, then hands the socket
+ * to c->dt. 1: detached and freed; 0: the detach was called off, serve on;
+ * -1: the socket failed meanwhile. */
+static int detach_conn(struct nbd_conn *c) {
+    struct volume *v = c->v;
+    for (;;) {
+        drain_completions(c);
+        if (c->dead) return -1;
+        pthread_mutex_lock(&c->mu);
+        int pending = c->pending;
+        pthread_mutex_unlock(&c->mu);
+        if (!pending) break;
+        if (!atomic_load(&c->detach)) return 0;
+        struct pollfd pfd = {.fd = c->efd, .events = POLLIN}; /* completions and call-offs poke it */
+        poll(&pfd, 1, 100);
+    }
+    if (flush_out(c) < 0) return -1;
+    if (c->in_off) {
+        memmove(c->in, c->in + c->in_off, c->in_len - c->in_off);
+        c->in_len -= c->in_off;
+        c->in_off = 0;
+    }
+    pthread_mutex_lock(&v->conn_mu);
+    struct nbd_detach *dt = c->dt;
+    if (!dt) { pthread_mutex_unlock(&v->conn_mu); return 0; }
+    dt->list[dt->n++] = (struct nbd_detached){
+        .fd = c->fd, .structured = c->sess.structured, .meta_id = c->sess.meta_id,
+        .export_size = c->sess.export_size, .in = c->in, .in_len = c->in_len,
+        .out = c->back, .out_len = c->back_len};
+    c->in = NULL;
+    c->back = NULL;
+    struct nbd_conn **link = &v->conns;
+    while (*link && *link != c) link = &(*link)->next;
+    if (*link) *link = c->next;
+    v->nconns--;
+    dt->waiting--;
+    pthread_cond_broadcast(&v->conn_cv);
+    pthread_mutex_unlock(&v->conn_mu);
+    conn_free(c); /* the socket is not ours any more: not closed */
+    return 1;
 }
 
 static void *conn_main(void *arg) {
     struct nbd_conn *c = arg;
     struct volume *v = c->v;
-    int st = process_input(c);
-    while (st == KEEP_GOING) {
-        drain_completions(c);
-        if (flush_out(c) < 0) break;
-        struct pollfd pfd[2] = {{.fd = c->fd, .events = POLLIN}, {.fd = c->efd, .events = POLLIN}};
-        if (poll(pfd, 2, -1) < 0) {
-            if (errno == EINTR) continue;
-            break;
-        }
-        if (pfd[0].revents & (POLLIN | POLLHUP | POLLERR)) {
-            ssize_t n = recv(c->fd, c->in + c->in_len, IN_CAP - c->in_len, 0);
-            if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
-            if (n <= 0) break;
-            c->in_len += (size_t)n;
-            st = process_input(c);
-        }
+    int st;
+    for (;;) {
+        st = serve(c);
+        if (st != DETACH) break;
+        int d = detach_conn(c);
+        if (d > 0) return NULL;
+        if (d < 0) { st = STOP_NOW; break; }
     }
     /* Requests already taken are answered before the socket closes (DISC
      * requires it; for a vanished client the sends just fail). */
@@ -496,6 +613,7 @@ static void *conn_main(void *arg) {
     if (*link) *link = c->next;
     close(c->fd); /* under conn_mu: shutdown() never sees a reused fd number */
     v->nconns--;
+    if (c->dt) c->dt->waiting--; /* ended on its own: just gone */
     pthread_cond_broadcast(&v->conn_cv);
     pthread_mutex_unlock(&v->conn_mu);
     conn_free(c);
@@ -517,7 +635,11 @@ int nbd_conn_start(struct volume *v, int fd, const struct nbd_conn_opts *o, cons
     c->in = malloc(IN_CAP);
     c->out = malloc(OUT_CAP);
     pthread_mutex_init(&c->mu, NULL);
-    if (c->efd < 0 || !c->in || !c->out) { close(fd); conn_free(c); return -ENOMEM; }
+    if (c->efd < 0 || !c->in || !c->out || (o->unsent_len && back_append(c, o->unsent, o->unsent_len) < 0)) {
+        close(fd);
+        conn_free(c);
+        return -ENOMEM;
+    }
     if (ilen) memcpy(c->in, initial, ilen);
     c->in_len = ilen;
 
@@ -553,14 +675,20 @@ static void shutdown_all(struct volume *v, int how) {
     for (struct nbd_conn *c = v->conns; c; c = c->next) shutdown(c->fd, how);
 }
 
+/* conn_cv waits use CLOCK_REALTIME (the condition's default clock). */
+static struct timespec deadline_in(int ms) {
+    struct timespec dl;
+    clock_gettime(CLOCK_REALTIME, &dl);
+    dl.tv_sec += ms / 1000;
+    dl.tv_nsec += (long)(ms % 1000) * 1000000L;
+    if (dl.tv_nsec >= 1000000000L) { dl.tv_sec++; dl.tv_nsec -= 1000000000L; }
+    return dl;
+}
+
 void nbd_conns_shutdown(struct volume *v, int grace_ms) {
     pthread_mutex_lock(&v->conn_mu);
     shutdown_all(v, SHUT_RD);
-    struct timespec dl;
-    clock_gettime(CLOCK_REALTIME, &dl);
-    dl.tv_sec += grace_ms / 1000;
-    dl.tv_nsec += (long)(grace_ms % 1000) * 1000000L;
-    if (dl.tv_nsec >= 1000000000L) { dl.tv_sec++; dl.tv_nsec -= 1000000000L; }
+    struct timespec dl = deadline_in(grace_ms);
     while (v->nconns > 0) {
         if (pthread_cond_timedwait(&v->conn_cv, &v->conn_mu, &dl) == ETIMEDOUT) {
             /* a client that stopped reading its replies: cut it off */
@@ -569,4 +697,67 @@ void nbd_conns_shutdown(struct volume *v, int grace_ms) {
         }
     }
     pthread_mutex_unlock(&v->conn_mu);
+}
+
+static void poke(struct nbd_conn *c) {
+    uint64_t one = 1;
+    ssize_t n = write(c->efd, &one, sizeof one);
+    (void)n;
+}
+
+void nbd_detached_free(struct nbd_detached *d, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        free(d[i].in);
+        free(d[i].out);
+    }
+    free(d);
+}
+
+int nbd_conns_detach(struct volume *v, int timeout_ms, struct nbd_detached **out, size_t *n) {
+    struct nbd_detach dt = {0};
+    *out = NULL;
+    *n = 0;
+    if (timeout_ms < 0) timeout_ms = 0;
+    pthread_mutex_lock(&v->conn_mu);
+    dt.list = calloc((size_t)v->nconns + 1, sizeof *dt.list);
+    if (!dt.list) { pthread_mutex_unlock(&v->conn_mu); return -ENOMEM; }
+    /* sending stops a quarter before the end: a client that does not read
+     * costs time but never the detach */
+    uint64_t send_dl = now_ms() + (uint64_t)timeout_ms * 3 / 4;
+    for (struct nbd_conn *c = v->conns; c; c = c->next) {
+        if (c->dt) continue; /* a concurrent detach has it */
+        c->dt = &dt;
+        atomic_store(&c->send_dl, send_dl);
+        atomic_store(&c->detach, 1);
+        dt.waiting++;
+        poke(c);
+    }
+    struct timespec dl = deadline_in(timeout_ms);
+    while (dt.waiting > 0)
+        if (pthread_cond_timedwait(&v->conn_cv, &v->conn_mu, &dl) == ETIMEDOUT) break;
+    int late = dt.waiting;
+    if (late) {
+        /* call the stragglers off: they serve on as if nothing happened */
+        for (struct nbd_conn *c = v->conns; c; c = c->next) {
+            if (c->dt != &dt) continue;
+            c->dt = NULL;
+            atomic_store(&c->detach, 0);
+            poke(c);
+        }
+    }
+    pthread_mutex_unlock(&v->conn_mu);
+    if (late) {
+        /* all or nothing: the ones that had stopped are served here again */
+        for (size_t i = 0; i < dt.n; i++) {
+            struct nbd_detached *d = &dt.list[i];
+            struct nbd_conn_opts o = {.structured = d->structured, .meta_id = d->meta_id,
+                                      .export_size = d->export_size, .unsent = d->out, .unsent_len = d->out_len};
+            nbd_conn_start(v, d->fd, &o, d->in, d->in_len);
+        }
+        nbd_detached_free(dt.list, dt.n);
+        return -ETIMEDOUT;
+    }
+    *out = dt.list;
+    *n = dt.n;
+    return 0;
 }
