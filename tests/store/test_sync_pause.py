@@ -26,7 +26,7 @@ from glide.store import LocalDirStore
 from glide.store.base import Data, ForwardingStore, ObjectStore
 from glide.store.faults import FaultKind, FaultPlan, FaultyStore
 from glide.volume.fetcher import Fetcher
-from glide.volume.flusher import SyncPaused
+from glide.volume.flusher import Flusher, SyncCancelled, SyncPaused
 from glide.volume.scheduler import FlushScheduler
 from glide.volume.served import ServedVolume, store_identity
 
@@ -378,3 +378,23 @@ def test_scheduler_pause_times_out_and_resumes(local: LocalDirStore, tmp_path: P
         scheduler.stop()
     assert root_version(local) >= before + 1
     sv.close()
+
+
+def test_adopt_local_honours_the_cancel(local: LocalDirStore, tmp_path: Path) -> None:
+    """Blocks from before the store are uploaded by adopt_local: a set token
+    refuses it like a flush, and clearing it lets it run."""
+    manifest = Manifest.create(local, "vol0", 8 * MiB, writer="test-writer-1")
+    v = _native.Volume(str(tmp_path / "a"), 8 * MiB, 256 * MiB, 64 * MiB)
+    v.write(0, os.urandom(32 * BS))
+    v.checkpoint()  # local only: CLEAN, not REMOTE
+    fl = Flusher(v, manifest, local)
+    fl.cancel.set()
+    with pytest.raises(SyncCancelled):
+        fl.adopt_local()
+    with pytest.raises(SyncCancelled):
+        fl.flush_once()
+    assert manifest.version == 1 and len(v.local_only_blocks()) == 32
+    fl.cancel.clear()
+    stats = fl.adopt_local()
+    assert stats is not None and stats.stored == 32 and manifest.version == 2
+    v.close()
