@@ -99,13 +99,23 @@ class Volume:
     """One volume of the write cache: WAL, block index, cache file."""
 
     def __init__(
-        self, path: str, size: int, wal_budget: int = 1 << 30, segment_size: int = 64 << 20
+        self,
+        path: str,
+        size: int,
+        wal_budget: int = 1 << 30,
+        segment_size: int = 64 << 20,
+        passive: bool = False,
     ) -> None:
         """Open or create. A size larger than the state file's grows the
-        volume; a smaller one is ValueError."""
+        volume; a smaller one is ValueError. passive: a handoff successor's
+        open of a volume another process still serves: replays its WAL and
+        changes nothing on disk until activate() (writes, flush, checkpoint,
+        grow, evict, install and exports raise OSError(EROFS))."""
 
     @property
     def size(self) -> int: ...
+    @property
+    def passive(self) -> bool: ...
     def close(self) -> None: ...
     # --- I/O -----------------------------------------------------------------
     def read(self, offset: int, length: int, /) -> bytes: ...
@@ -125,12 +135,24 @@ class Volume:
     def last_seq(self) -> int: ...
     def checkpoint(self, upto: int = ..., /) -> _CheckpointStats: ...
     def write_back(self, upto: int = ..., /) -> _WriteBackStats: ...
+    def cancel_write_back(self) -> None:
+        """write_back/checkpoint, running or later, raise InterruptedError
+        within one copy batch until allow_write_back()."""
+    def allow_write_back(self) -> None: ...
     def read_block_as_of(self, lba: int, seq: int, /) -> bytes: ...
     def flush_cut(self) -> int: ...
     def dirty_upto(self, cut: int, /) -> list[tuple[int, int]]:
         """(lba, WAL kind) of blocks whose newest version <= cut."""
     def local_only_blocks(self) -> list[int]: ...
     def pressure_fd(self) -> int: ...
+    # --- the handoff successor (passive=True) ---------------------------------
+    def catch_up(self) -> tuple[int, int]:
+        """(records applied, WAL bytes read) since the last call; a record
+        still being written waits for the next one."""
+    def activate(self) -> None:
+        """The writer has stopped, fdatasynced and closed: a last catch-up,
+        then an ordinary open volume. OSError(ESTALE) if the state file
+        changed since the passive open."""
     # --- the object-store side ------------------------------------------------
     def set_remote(self, lba: int, n: int, on: bool = True, /) -> None: ...
     def miss_fd(self) -> int: ...

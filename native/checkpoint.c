@@ -8,7 +8,8 @@
  * never records an installed block as CLEAN before an fdatasync covering the
  * install (sync_installs). Every state file write holds ckpt_mu, so two
  * writers (a checkpoint, an eviction batch) never put an older snapshot over
- * a newer one.
+ * a newer one. A cancelled write-back (volume_cancel_write_back) stops
+ * between copies, the blocks still DIRTY and written_back_seq unmoved.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -71,23 +72,64 @@ static void apply_run(void *ctx, uint64_t lba, uint64_t count, uint8_t base, int
     }
 }
 
-int read_state_file(struct volume *v, uint64_t *ckpt_seq, uint64_t *file_nblocks, char *err, size_t errlen) {
-    char path[4096 + 32];
-    snprintf(path, sizeof path, "%s/state", v->dir);
+/* The whole state file into *buf (malloc'd). */
+static int load_state_file(const char *path, uint8_t **buf, size_t *len) {
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) return -errno;
     struct stat sb;
     if (fstat(fd, &sb) < 0) { int e = -errno; close(fd); return e; }
-    size_t len = (size_t)sb.st_size;
-    uint8_t *buf = malloc(len ? len : 1);
-    if (!buf) { close(fd); return -ENOMEM; }
-    int rc = pread_full(fd, buf, len, 0);
+    *len = (size_t)sb.st_size;
+    *buf = malloc(*len ? *len : 1);
+    if (!*buf) { close(fd); return -ENOMEM; }
+    int rc = pread_full(fd, *buf, *len, 0);
     close(fd);
-    if (rc) { free(buf); return rc; }
+    if (rc) { free(*buf); *buf = NULL; }
+    return rc;
+}
+
+/* The file's identity for state_file_unchanged: its length and its CRC (the
+ * last 4 bytes, over everything before them). */
+static uint32_t state_crc_word(const uint8_t *buf, size_t len) {
+    uint32_t c = 0;
+    if (len >= 4) memcpy(&c, buf + len - 4, 4);
+    return c;
+}
+
+int state_file_unchanged(struct volume *v, char *err, size_t errlen) {
+    char path[4096 + 32];
+    snprintf(path, sizeof path, "%s/state", v->dir);
+    uint8_t *buf;
+    size_t len;
+    int rc = load_state_file(path, &buf, &len);
+    if (rc) { snprintf(err, errlen, "cannot read state file %s: %s", path, strerror(-rc)); return rc; }
+    struct state_header h = {0};
+    int dr = state_decode_header(buf, len, &h);
+    if (!dr && len == v->state_len && state_crc_word(buf, len) == v->state_crc && h.checkpoint_seq == v->state_ckpt) {
+        free(buf);
+        return 0;
+    }
+    free(buf);
+    snprintf(err, errlen, "state file %s changed since the passive open (checkpoint seq %llu, now %llu%s): "
+             "the predecessor checkpointed, evicted or grew during the handoff; refusing to activate",
+             path, (unsigned long long)v->state_ckpt, (unsigned long long)h.checkpoint_seq,
+             dr ? ", unreadable" : "");
+    return -ESTALE;
+}
+
+int read_state_file(struct volume *v, uint64_t *ckpt_seq, uint64_t *file_nblocks, char *err, size_t errlen) {
+    char path[4096 + 32];
+    snprintf(path, sizeof path, "%s/state", v->dir);
+    uint8_t *buf;
+    size_t len;
+    int rc = load_state_file(path, &buf, &len);
+    if (rc) return rc;
     struct state_header h;
     int dr = state_decode_header(buf, len, &h);
     rc = -EUCLEAN;
     if (dr) goto bad;
+    v->state_ckpt = h.checkpoint_seq;
+    v->state_len = len;
+    v->state_crc = state_crc_word(buf, len);
     if (h.nblocks > v->nblocks) {
         snprintf(err, errlen, "volume at %s has %llu bytes but the configuration says %llu; "
                  "shrinking a volume is not supported (configure at least %llu bytes)", v->dir,
@@ -182,6 +224,7 @@ static int write_back(struct volume *v, struct wb_list *l, struct checkpoint_sta
     int rc = 0;
     size_t unkicked = 0;
     for (size_t i = 0; i < l->n && !rc; i++) {
+        if (atomic_load(&v->wb_cancel)) { rc = -ECANCELED; break; }
         struct wb_item *it = &l->items[i];
         uint64_t coff = it->lba * GLIDE_BLOCK_SIZE;
         if (it->kind == WAL_KIND_DATA) {
@@ -240,6 +283,7 @@ static int write_back_upto_locked(struct volume *v, uint64_t cut, struct checkpo
      *    holds anything derived from them */
     int rc = wal_sync_wait(&v->wal, cut);
     if (rc) return rc;
+    if (atomic_load(&v->wb_cancel)) return -ECANCELED;
 
     /* 2. copy each block's newest version <= cut into the cache file; the
      *    blocks stay DIRTY meanwhile, so readers keep using the WAL */
@@ -252,6 +296,7 @@ static int write_back_upto_locked(struct volume *v, uint64_t cut, struct checkpo
         rc = write_back(v, &l, st);
     }
     free(l.items);
+    if (rc == -ECANCELED) return rc; /* stopped on request: nothing is wrong */
     if (rc) { set_failed(v, -rc); return rc; }
     crash_point("checkpoint-after-writeback");
     uint64_t installs = atomic_load(&v->installs);
@@ -268,6 +313,7 @@ static int lock_and_cut(struct volume *v, uint64_t upto, struct checkpoint_stats
     memset(st, 0, sizeof *st);
     int rc = atomic_load(&v->failed);
     if (rc) return -rc;
+    if (atomic_load(&v->passive)) return -EROFS;
     pthread_mutex_lock(&v->ckpt_mu);
     pthread_mutex_lock(&v->wal.mu);
     rc = wal_cut_locked(&v->wal, cut);
@@ -282,6 +328,8 @@ static int lock_and_cut(struct volume *v, uint64_t upto, struct checkpoint_stats
 }
 
 int volume_write_back(struct volume *v, uint64_t upto, struct checkpoint_stats *st) {
+    memset(st, 0, sizeof *st);
+    if (atomic_load(&v->wb_cancel)) return -ECANCELED; /* not even a WAL cut */
     uint64_t cut;
     int rc = lock_and_cut(v, upto, st, &cut);
     if (rc) return rc;

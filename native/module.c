@@ -41,11 +41,28 @@ static int check_open(VolumeObject *self) {
     return 0;
 }
 
+/* OSError(errno, err), the errno picking the subclass. */
+static PyObject *raise_msg(int rc, const char *err) {
+    PyObject *a = Py_BuildValue("(is)", rc < 0 ? -rc : rc, err);
+    if (a) { PyErr_SetObject(PyExc_OSError, a); Py_DECREF(a); }
+    return NULL;
+}
+
+/* What would write into a passive volume's shared files waits for activate(). */
+static int check_active(VolumeObject *self) {
+    if (check_open(self)) return -1;
+    if (!atomic_load(&self->v->passive)) return 0;
+    raise_msg(EROFS, "volume is passive (a handoff successor's): activate() it first");
+    return -1;
+}
+
 static int Volume_init(VolumeObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"path", "size", "wal_budget", "segment_size", NULL};
+    static char *kwlist[] = {"path", "size", "wal_budget", "segment_size", "passive", NULL};
     const char *path;
     unsigned long long size, budget = 1ULL << 30, segsize = 64ULL << 20;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "sK|KK", kwlist, &path, &size, &budget, &segsize)) return -1;
+    int passive = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "sK|KKp", kwlist, &path, &size, &budget, &segsize, &passive))
+        return -1;
     if (self->v) { PyErr_SetString(PyExc_ValueError, "already open"); return -1; }
     if (segsize < GLIDE_MAX_IO + WAL_REC_HDR_SIZE + WAL_SEG_HDR_SIZE) {
         PyErr_SetString(PyExc_ValueError, "segment_size must hold one maximal record (a little over 32 MiB)");
@@ -53,7 +70,7 @@ static int Volume_init(VolumeObject *self, PyObject *args, PyObject *kw) {
     }
     if (!self->io && !(self->io = PyMem_RawCalloc(1, sizeof *self->io))) { PyErr_NoMemory(); return -1; }
     struct volume_config cfg = {.dir = path, .size = size, .wal_budget = budget, .seg_size = segsize,
-                                .io = self->io};
+                                .io = self->io, .passive = passive};
     char err[512];
     int rc;
     Py_BEGIN_ALLOW_THREADS
@@ -190,6 +207,7 @@ static PyObject *Volume_checkpoint(VolumeObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     rc = volume_checkpoint(self->v, upto, &st);
     Py_END_ALLOW_THREADS
+    if (rc == -ECANCELED) return PyErr_Format(PyExc_InterruptedError, "checkpoint: write-back cancelled");
     if (rc) return raise_errno(rc, "checkpoint");
     return Py_BuildValue("{s:K,s:K,s:K,s:K}", "cut_seq", (unsigned long long)st.cut_seq, "blocks_written",
                          (unsigned long long)st.blocks_written, "blocks_zeroed", (unsigned long long)st.blocks_zeroed,
@@ -204,6 +222,7 @@ static PyObject *Volume_write_back(VolumeObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     rc = volume_write_back(self->v, upto, &st);
     Py_END_ALLOW_THREADS
+    if (rc == -ECANCELED) return PyErr_Format(PyExc_InterruptedError, "write_back cancelled (cancel_write_back)");
     if (rc) return raise_errno(rc, "write_back");
     return Py_BuildValue("{s:K,s:K,s:K}", "cut_seq", (unsigned long long)st.cut_seq, "blocks_written",
                          (unsigned long long)st.blocks_written, "blocks_zeroed", (unsigned long long)st.blocks_zeroed);
@@ -258,7 +277,7 @@ static PyObject *Volume_serve_nbd(VolumeObject *self, PyObject *args, PyObject *
     if (!PyArg_ParseTupleAndKeywords(args, kw, "i|pIy*Ky*", kwlist, &fd, &structured, &meta_id, &initial,
                                      &export_size, &pending))
         return NULL;
-    if (check_open(self) || export_size > self->v->size) {
+    if (check_active(self) || export_size > self->v->size) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "export_size is larger than the volume");
         if (initial.obj) PyBuffer_Release(&initial);
         if (pending.obj) PyBuffer_Release(&pending);
@@ -336,7 +355,7 @@ static PyObject *Volume_attach_ublk(VolumeObject *self, PyObject *args, PyObject
     int dev_id = -1, queues = 1, depth = 64;
     unsigned int max_io = 512 * 1024;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "|iiiI", kwlist, &dev_id, &queues, &depth, &max_io) ||
-        check_open(self))
+        check_active(self))
         return NULL;
     if (self->ublk) { PyErr_SetString(PyExc_ValueError, "volume already has a ublk device"); return NULL; }
     /* The owner tag ties a device to this volume's identity (nonzero). */
@@ -423,7 +442,7 @@ static PyObject *Volume_install(VolumeObject *self, PyObject *args) {
     unsigned long long lba;
     Py_buffer data;
     if (!PyArg_ParseTuple(args, "Ky*", &lba, &data)) return NULL;
-    if (check_open(self) || data.len != GLIDE_BLOCK_SIZE) {
+    if (check_active(self) || data.len != GLIDE_BLOCK_SIZE) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "install takes exactly one 4096-byte block");
         PyBuffer_Release(&data);
         return NULL;
@@ -449,7 +468,7 @@ static PyObject *Volume_fail_miss(VolumeObject *self, PyObject *args) {
 
 static PyObject *Volume_evict(VolumeObject *self, PyObject *args) {
     unsigned long long lba, n;
-    if (!PyArg_ParseTuple(args, "KK", &lba, &n) || check_open(self)) return NULL;
+    if (!PyArg_ParseTuple(args, "KK", &lba, &n) || check_active(self)) return NULL;
     uint64_t evicted = 0;
     int rc;
     Py_BEGIN_ALLOW_THREADS
@@ -461,7 +480,7 @@ static PyObject *Volume_evict(VolumeObject *self, PyObject *args) {
 
 static PyObject *Volume_evict_to(VolumeObject *self, PyObject *args) {
     unsigned long long max_cached;
-    if (!PyArg_ParseTuple(args, "K", &max_cached) || check_open(self)) return NULL;
+    if (!PyArg_ParseTuple(args, "K", &max_cached) || check_active(self)) return NULL;
     uint64_t evicted = 0;
     int rc;
     Py_BEGIN_ALLOW_THREADS
@@ -625,6 +644,48 @@ static PyObject *Volume_pressure_fd(VolumeObject *self, PyObject *Py_UNUSED(igno
     return PyLong_FromLong(self->v->pressure_efd);
 }
 
+static PyObject *Volume_catch_up(VolumeObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (check_open(self)) return NULL;
+    uint64_t records = 0, bytes = 0;
+    char err[512];
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = volume_catch_up(self->v, &records, &bytes, err, sizeof err);
+    Py_END_ALLOW_THREADS
+    if (rc == -EINVAL) return PyErr_Format(PyExc_ValueError, "catch_up: the volume is not passive");
+    if (rc) return err[0] ? raise_msg(rc, err) : raise_errno(rc, "catch_up");
+    return Py_BuildValue("(KK)", (unsigned long long)records, (unsigned long long)bytes);
+}
+
+static PyObject *Volume_activate(VolumeObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (check_open(self)) return NULL;
+    char err[512];
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = volume_activate(self->v, err, sizeof err);
+    Py_END_ALLOW_THREADS
+    if (rc == -EINVAL) return PyErr_Format(PyExc_ValueError, "activate: %s", err);
+    if (rc) return err[0] ? raise_msg(rc, err) : raise_errno(rc, "activate");
+    Py_RETURN_NONE;
+}
+
+static PyObject *Volume_cancel_write_back(VolumeObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (check_open(self)) return NULL;
+    volume_cancel_write_back(self->v, 1);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Volume_allow_write_back(VolumeObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (check_open(self)) return NULL;
+    volume_cancel_write_back(self->v, 0);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Volume_get_passive(VolumeObject *self, void *Py_UNUSED(c)) {
+    if (check_open(self)) return NULL;
+    return PyBool_FromLong(atomic_load(&self->v->passive));
+}
+
 static PyObject *Volume_get_size(VolumeObject *self, void *Py_UNUSED(c)) {
     if (check_open(self)) return NULL;
     return PyLong_FromUnsignedLongLong(self->v->size);
@@ -687,11 +748,19 @@ static PyMethodDef Volume_methods[] = {
     {"detach_ublk", (PyCFunction)Volume_detach_ublk, METH_VARARGS,
      "detach_ublk(remove=False): stop serving the device; remove=True also deletes it"},
     {"pressure_fd", (PyCFunction)Volume_pressure_fd, METH_NOARGS, "eventfd readable when a checkpoint would help."},
+    {"catch_up", (PyCFunction)Volume_catch_up, METH_NOARGS,
+     "catch_up() -> (records, bytes): a passive volume replays what its writer appended since"},
+    {"activate", (PyCFunction)Volume_activate, METH_NOARGS,
+     "activate(): a passive volume, its writer stopped and synced, becomes an ordinary open volume"},
+    {"cancel_write_back", (PyCFunction)Volume_cancel_write_back, METH_NOARGS,
+     "write_back/checkpoint, running or later, stop promptly with InterruptedError until allow_write_back()"},
+    {"allow_write_back", (PyCFunction)Volume_allow_write_back, METH_NOARGS, "undo cancel_write_back()"},
     {NULL, NULL, 0, NULL},
 };
 
 static PyGetSetDef Volume_getset[] = {
     {"size", (getter)Volume_get_size, NULL, "size in bytes", NULL},
+    {"passive", (getter)Volume_get_passive, NULL, "opened passive and not activated yet", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

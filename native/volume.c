@@ -52,6 +52,22 @@ void set_failed(struct volume *v, int err) {
 
 static int replay_apply(void *ctx, const struct wal_record *r, struct wal_segment *seg, uint64_t data_off);
 
+/* The cache file at target_size, then an implicit grow recorded before any
+ * replay, as volume_grow would: at open, and at a passive volume's activation. */
+static int size_and_grow(struct volume *v, uint64_t ckpt, int grow, char *err, size_t errlen) {
+    struct stat sb;
+    if (fstat(v->cache_fd, &sb) < 0) return -errno;
+    if ((uint64_t)sb.st_size != v->target_size && ftruncate(v->cache_fd, (off_t)v->target_size) < 0) {
+        int rc = -errno;
+        snprintf(err, errlen, "cannot size cache file %s/cache: %s", v->dir, strerror(errno));
+        return rc;
+    }
+    if (!grow) return 0;
+    int rc = persist_state_locked(v, ckpt, NULL);
+    if (rc) snprintf(err, errlen, "cannot write state file in %s: %s", v->dir, strerror(-rc));
+    return rc;
+}
+
 int volume_open(const struct volume_config *cfg, struct volume **out, char *err, size_t errlen) {
     err[0] = 0;
     if (cfg->size == 0 || cfg->size % GLIDE_BLOCK_SIZE) {
@@ -91,19 +107,23 @@ int volume_open(const struct volume_config *cfg, struct volume **out, char *err,
     if (!v->miss_buckets) { rc = -ENOMEM; goto fail; }
     v->bi = block_index_create(v->nblocks);
     if (!v->bi) { rc = -ENOMEM; goto fail; }
-    if (mkdir(v->dir, 0700) < 0 && errno != EEXIST) {
+    const int passive = cfg->passive;
+    if (!passive && mkdir(v->dir, 0700) < 0 && errno != EEXIST) {
         rc = -errno;
         snprintf(err, errlen, "cannot create %s: %s", v->dir, strerror(errno));
         goto fail;
     }
     char path[4096 + 32];
     snprintf(path, sizeof path, "%s/cache", v->dir);
-    v->cache_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    v->cache_fd = open(path, O_RDWR | O_CLOEXEC | (passive ? 0 : O_CREAT), 0600);
     if (v->cache_fd < 0) { rc = -errno; snprintf(err, errlen, "cannot open %s: %s", path, strerror(errno)); goto fail; }
 
     uint64_t ckpt = 0, file_nblocks = v->nblocks;
     rc = read_state_file(v, &ckpt, &file_nblocks, err, errlen);
-    if (rc == -ENOENT) {
+    if (rc == -ENOENT && passive) {
+        snprintf(err, errlen, "passive open of %s: no state file (only an existing volume can be taken over)", v->dir);
+        goto fail;
+    } else if (rc == -ENOENT) {
         /* A new volume. The state file is written before any WAL exists, so a
          * WAL without a state file never happens. */
         if (getrandom(v->volume_id, sizeof v->volume_id, 0) != sizeof v->volume_id) { rc = -EIO; goto fail; }
@@ -119,23 +139,21 @@ int volume_open(const struct volume_config *cfg, struct volume **out, char *err,
      * small must not cut off cached blocks a state file says are CLEAN. A
      * file longer than the size holds only blocks past the end of every
      * state file (a grow that never reached its state file). */
-    struct stat sb;
-    if (fstat(v->cache_fd, &sb) < 0) { rc = -errno; goto fail; }
-    if ((uint64_t)sb.st_size != v->size && ftruncate(v->cache_fd, (off_t)v->size) < 0) {
-        rc = -errno;
-        snprintf(err, errlen, "cannot size cache file %s: %s", path, strerror(errno));
-        goto fail;
-    }
-    if (file_nblocks < v->nblocks) {
-        /* An implicit grow: recorded before any replay, as volume_grow would. */
-        rc = persist_state_locked(v, ckpt, NULL);
-        if (rc) { snprintf(err, errlen, "cannot write state file in %s: %s", v->dir, strerror(-rc)); goto fail; }
+    v->target_size = v->size;
+    if (passive) {
+        /* Nothing on disk changes before activation: the cache file keeps its
+         * size and a grow waits (the WAL lies within the old size). */
+        v->size = file_nblocks * GLIDE_BLOCK_SIZE;
+    } else {
+        rc = size_and_grow(v, ckpt, file_nblocks < v->nblocks, err, errlen);
+        if (rc) goto fail;
     }
     v->checkpoint_seq = ckpt;
     v->written_back_seq = ckpt;
 
     snprintf(path, sizeof path, "%s/wal", v->dir);
-    rc = wal_open(&v->wal, path, v->volume_id, cfg->seg_size, ckpt, replay_apply, v, &v->replay, err, errlen);
+    rc = (passive ? wal_open_passive : wal_open)(&v->wal, path, v->volume_id, cfg->seg_size, ckpt, replay_apply,
+                                                 v, &v->replay, err, errlen);
     if (rc) {
         if (!err[0]) snprintf(err, errlen, "cannot open WAL in %s: %s", path, strerror(-rc));
         goto fail;
@@ -144,6 +162,7 @@ int volume_open(const struct volume_config *cfg, struct volume **out, char *err,
     if (v->pressure_efd < 0) { rc = -errno; goto fail; }
     v->miss_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (v->miss_efd < 0) { rc = -errno; goto fail; }
+    atomic_store(&v->passive, passive);
     *out = v;
     return 0;
 fail:
@@ -151,8 +170,50 @@ fail:
     return rc;
 }
 
+int volume_catch_up(struct volume *v, uint64_t *records, uint64_t *bytes, char *err, size_t errlen) {
+    err[0] = 0;
+    /* ckpt_mu: one catch-up or activation at a time, and a stable v->replay */
+    pthread_mutex_lock(&v->ckpt_mu);
+    uint64_t r0 = v->replay.applied, b0 = v->replay.bytes;
+    int rc = atomic_load(&v->passive) ? wal_catch_up(&v->wal, &v->replay, err, errlen) : -EINVAL;
+    *records = v->replay.applied - r0;
+    *bytes = v->replay.bytes - b0;
+    pthread_mutex_unlock(&v->ckpt_mu);
+    return rc;
+}
+
+int volume_activate(struct volume *v, char *err, size_t errlen) {
+    err[0] = 0;
+    pthread_mutex_lock(&v->evict_mu);
+    pthread_mutex_lock(&v->ckpt_mu);
+    int rc = -EINVAL;
+    if (!atomic_load(&v->passive)) { snprintf(err, errlen, "volume %s is not passive", v->dir); goto out; }
+    rc = state_file_unchanged(v, err, errlen);
+    if (rc) goto out;
+    /* From here on, what volume_open does, in its order: size the cache file,
+     * persist an implicit grow, replay (the last tail) and start the WAL. */
+    rc = size_and_grow(v, v->checkpoint_seq, v->target_size > v->size, err, errlen);
+    if (rc) goto out;
+    v->size = v->target_size;
+    rc = wal_activate(&v->wal, &v->replay, err, errlen);
+    if (rc) {
+        if (!err[0]) snprintf(err, errlen, "cannot activate the WAL in %s: %s", v->dir, strerror(-rc));
+        goto out;
+    }
+    atomic_store(&v->passive, 0);
+out:
+    pthread_mutex_unlock(&v->ckpt_mu);
+    pthread_mutex_unlock(&v->evict_mu);
+    return rc;
+}
+
+void volume_cancel_write_back(struct volume *v, int cancel) {
+    atomic_store(&v->wb_cancel, cancel);
+}
+
 int volume_grow(struct volume *v, uint64_t new_size) {
     if (new_size % GLIDE_BLOCK_SIZE) return -EINVAL;
+    if (atomic_load(&v->passive)) return -EROFS;
     int rc = atomic_load(&v->failed);
     if (rc) return -rc;
     /* evict_mu: a CLOCK sweep sizes its travel and wraps its hand by nblocks.
@@ -217,8 +278,13 @@ static int apply_record(struct volume *v, const struct wal_record *r, struct wal
     return 0;
 }
 
+/* idx_mu: a passive volume's catch-up runs while it serves reads. */
 static int replay_apply(void *ctx, const struct wal_record *r, struct wal_segment *seg, uint64_t data_off) {
-    return apply_record(ctx, r, seg, data_off);
+    struct volume *v = ctx;
+    pthread_mutex_lock(&v->idx_mu);
+    int rc = apply_record(v, r, seg, data_off);
+    pthread_mutex_unlock(&v->idx_mu);
+    return rc;
 }
 
 /* ---------- write path ---------- */
@@ -249,7 +315,7 @@ static int append_and_index(struct volume *v, uint8_t kind, uint64_t lba, uint64
                             uint64_t *seq) {
     int rc = atomic_load(&v->failed);
     if (rc) return -rc;
-    if (atomic_load(&v->read_only)) return -EROFS;
+    if (atomic_load(&v->read_only) || atomic_load(&v->passive)) return -EROFS;
     pthread_mutex_lock(&v->wal.mu);
     if (kind == WAL_KIND_ZERO_HOLE) {
         /* Skip the record entirely when every block is already zero and clean:
@@ -388,6 +454,7 @@ int volume_trim(struct volume *v, uint64_t off, uint64_t len, uint64_t *seq) {
 }
 
 int volume_flush(struct volume *v) {
+    if (atomic_load(&v->passive)) return -EROFS;
     atomic_fetch_add(&v->st.flushes, 1);
     return wal_sync_wait(&v->wal, wal_last_seq(&v->wal));
 }
@@ -473,7 +540,8 @@ static int read_blocks(struct volume *v, uint64_t lba, uint64_t nblocks, uint8_t
                                                                   : block_index_as_of(v->bi, lba + i, as_of);
             plan_block(v, lba + i, ver, &plan[i], as_of == UINT64_MAX);
             if (plan[i].kind == SRC_MISS) {
-                int rc = miss_register(v, lba + i, first_miss < 0 ? w : NULL);
+                /* passive: no fetcher may install into the shared cache file yet */
+                int rc = atomic_load(&v->passive) ? -EAGAIN : miss_register(v, lba + i, first_miss < 0 ? w : NULL);
                 if (rc) {
                     pthread_mutex_unlock(&v->idx_mu);
                     pthread_rwlock_unlock(&v->evict_rw);
@@ -633,6 +701,7 @@ void volume_set_remote(struct volume *v, uint64_t lba, uint64_t n, int on) {
 
 
 int volume_flush_cut(struct volume *v, uint64_t *cut) {
+    if (atomic_load(&v->passive)) return -EROFS;
     pthread_mutex_lock(&v->wal.mu);
     int rc = wal_cut_locked(&v->wal, cut);
     pthread_mutex_unlock(&v->wal.mu);

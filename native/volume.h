@@ -56,6 +56,7 @@ struct volume_config {
     uint64_t wal_budget; /* bytes of WAL + index charge before writers wait */
     uint64_t seg_size;   /* target WAL segment size */
     struct io_metrics *io; /* lent, must outlive the volume; NULL: the volume's own */
+    int passive;           /* a handoff successor's open: see volume_catch_up */
 };
 
 struct volume_stats {
@@ -112,6 +113,20 @@ struct volume {
     struct io_metrics *io;    /* the request paths count here: cfg->io, or io_own */
     struct io_metrics io_own;
     struct wal_replay_stats replay;
+
+    /* A passive volume (a handoff successor's) replays a WAL another process
+     * still appends to and changes nothing on disk until volume_activate:
+     * writes, flush, checkpoint, grow fail with EROFS, reads of blocks only
+     * the store has with EAGAIN. Other reads are served, as a view for
+     * warming up only: a cache-file block may already hold what the
+     * predecessor's write-back copied from records not caught up yet.
+     * Cleared once, by activation. */
+    atomic_int passive;
+    uint64_t target_size;    /* the configured size: larger than size until activation grows it */
+    uint64_t state_ckpt;     /* the state file read at open: activation refuses one that changed */
+    uint64_t state_len;
+    uint32_t state_crc;
+    atomic_int wb_cancel;    /* volume_cancel_write_back: write-backs stop with ECANCELED */
 };
 
 struct checkpoint_stats {
@@ -122,6 +137,28 @@ struct checkpoint_stats {
  * ABSENT, reading as zeros); a smaller one is refused. */
 int volume_open(const struct volume_config *cfg, struct volume **out, char *err, size_t errlen);
 void volume_close(struct volume *v);
+
+/* ---- the handoff successor's side (cfg->passive) ----
+ * The predecessor keeps appending and rotating segments but promises no
+ * checkpoint, eviction, grow or segment retirement until it has stopped. */
+
+/* Replay what was appended since the last call. *records: records applied,
+ * *bytes: WAL bytes read. A record still being written is left for the next
+ * call. -EINVAL when not passive; -EUCLEAN (err filled) on a foreign segment. */
+int volume_catch_up(struct volume *v, uint64_t *records, uint64_t *bytes, char *err, size_t errlen);
+/* The predecessor has stopped, fdatasynced its WAL and closed the volume (the
+ * caller guarantees it: replayed records count as durable). A last catch-up,
+ * then exactly what volume_open would have done at this moment: torn tail cut
+ * off, an implicit grow persisted, spares dropped, a new active segment and
+ * group commit. -ESTALE (err filled) if the state file changed since the
+ * passive open (the predecessor broke its promise); the volume stays passive. */
+int volume_activate(struct volume *v, char *err, size_t errlen);
+
+/* A write-back (and a checkpoint's) running now or started later stops
+ * within one copy batch with -ECANCELED, until allowed again (cancel 0).
+ * What it already copied is harmless: those blocks stay DIRTY and
+ * written_back_seq does not move. For the predecessor before a cutover. */
+void volume_cancel_write_back(struct volume *v, int cancel);
 
 /* Online grow to new_size bytes (a multiple of the block size, not smaller;
  * equal is a no-op), while I/O, eviction and installs go on. The cache file

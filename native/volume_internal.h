@@ -40,6 +40,9 @@ int write_state_file(struct volume *v, struct state_image *img, uint64_t ckpt_se
  * v's identity; *file_nblocks is the size it records (less than v->nblocks
  * when the volume grew). -ENOENT when there is none; other errors fill err. */
 int read_state_file(struct volume *v, uint64_t *ckpt_seq, uint64_t *file_nblocks, char *err, size_t errlen);
+/* 0 if the state file is still the one read_state_file read (a passive
+ * volume's check before activation); -ESTALE with err filled if not. */
+int state_file_unchanged(struct volume *v, char *err, size_t errlen);
 /* Write the index's current base states as a state file with this
  * checkpoint sequence (what eviction batches and grow do): snapshot under
  * idx_mu, sync installs, replace atomically. Caller holds ckpt_mu. */

@@ -315,16 +315,14 @@ static int list_segment_ids(const char *dir, uint64_t **ids, size_t *n) {
     return 0;
 }
 
-/* Reads a segment's records into the replay callback. Returns the byte offset
- * of the end of the last valid record (the valid size of the segment). */
-static int replay_segment(struct wal_segment *s, uint64_t *expect, uint64_t checkpoint_seq,
-                          wal_replay_fn fn, void *ctx, struct wal_replay_stats *st, uint64_t file_size,
-                          uint64_t *valid_end) {
-    size_t cap = (size_t)WAL_REC_HDR_SIZE + GLIDE_MAX_IO;
-    uint8_t *buf = malloc(cap);
-    *valid_end = WAL_SEG_HDR_SIZE;
-    if (!buf) return -ENOMEM;
-    uint64_t off = WAL_SEG_HDR_SIZE;
+/* Reads s's records from s->size (the end of the last valid one) into the
+ * replay callback and advances s->size, w->expect and the stats. Stops without
+ * error at the first record that is short, invalid or out of sequence: a torn
+ * tail, a recycled file's older records, or (passive) one still being written. */
+static int replay_segment(struct wal *w, struct wal_segment *s, uint8_t *buf, struct wal_replay_stats *st) {
+    struct stat sb;
+    if (fstat(s->fd, &sb) < 0) return -errno;
+    uint64_t file_size = (uint64_t)sb.st_size, off = s->size;
     int rc = 0;
     for (;;) {
         if (off + WAL_REC_HDR_SIZE > file_size) break;
@@ -336,92 +334,110 @@ static int replay_segment(struct wal_segment *s, uint64_t *expect, uint64_t chec
         if (dlen && pread(s->fd, buf + WAL_REC_HDR_SIZE, (size_t)dlen, (off_t)(off + WAL_REC_HDR_SIZE)) != (ssize_t)dlen)
             break;
         if (wal_record_check(buf, &r, buf + WAL_REC_HDR_SIZE) != WAL_DECODE_OK) break;
-        if (r.seq != *expect) break;
+        if (r.seq != w->expect) break;
         st->records++;
-        if (r.seq > checkpoint_seq) {
-            rc = fn(ctx, &r, s, off + WAL_REC_HDR_SIZE);
+        if (r.seq > w->checkpoint_seq) {
+            rc = w->replay_fn(w->replay_ctx, &r, s, off + WAL_REC_HDR_SIZE);
             if (rc) break;
             st->applied++;
         }
         s->end_seq = r.seq;
         st->last_seq = r.seq;
-        (*expect)++;
+        w->expect++;
         off += WAL_REC_HDR_SIZE + dlen;
         st->bytes += WAL_REC_HDR_SIZE + dlen;
     }
-    free(buf);
-    *valid_end = off;
+    w->live_bytes += off - s->size;
+    s->size = off;
     return rc;
 }
 
-int wal_open(struct wal *w, const char *dir, const uint8_t volume_id[16], uint64_t seg_size,
-             uint64_t checkpoint_seq, wal_replay_fn fn, void *ctx, struct wal_replay_stats *st,
-             char *errmsg, size_t errlen) {
-    memset(w, 0, sizeof *w);
-    memset(st, 0, sizeof *st);
-    snprintf(w->dir, sizeof w->dir, "%s", dir);
-    memcpy(w->volume_id, volume_id, 16);
-    w->seg_size = seg_size;
-    pthread_mutex_init(&w->mu, NULL);
-    pthread_mutex_init(&w->sync_mu, NULL);
-    pthread_cond_init(&w->sync_cv, NULL);
-    w->next_seg_id = 1;
-    if (mkdir(dir, 0700) < 0 && errno != EEXIST) return -errno;
-    w->dir_fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (w->dir_fd < 0) return -errno;
+static void discard_file(const char *path, struct wal_replay_stats *st) {
+    struct stat sb;
+    if (stat(path, &sb) == 0) st->discarded_bytes += (uint64_t)sb.st_size;
+    unlink(path);
+}
 
-    remove_free_files(dir);
+/* Opens a segment file and reads its header: 0 valid (for this name), 1 not
+ * (never made durable, a recycled file whose new header is not written yet,
+ * or empty), -errno when it cannot be opened. */
+static int open_segment(const char *path, uint64_t id, int *fd, struct wal_segment_header *h) {
+    *fd = open(path, O_RDWR | O_CLOEXEC);
+    if (*fd < 0) return -errno;
+    uint8_t hb[WAL_SEG_HDR_SIZE];
+    if (pread(*fd, hb, sizeof hb, 0) != (ssize_t)sizeof hb || wal_segment_header_decode(hb, sizeof hb, h) != WAL_DECODE_OK ||
+        h->seg_id != id)
+        return 1;
+    return 0;
+}
+
+/* Cuts off the bytes after each segment's last valid record (a torn tail, or
+ * a recycled file's old records) so they can never be mistaken for records
+ * later. Only when nobody else appends: an ordinary open, or an activation. */
+static int truncate_tails(struct wal *w, struct wal_replay_stats *st) {
+    for (struct wal_segment *s = w->head; s; s = s->next) {
+        struct stat sb;
+        if (fstat(s->fd, &sb) < 0) return -errno;
+        if ((uint64_t)sb.st_size <= s->size) continue;
+        st->discarded_bytes += (uint64_t)sb.st_size - s->size;
+        if (ftruncate(s->fd, (off_t)s->size) < 0 || fdatasync(s->fd) < 0) return -errno;
+    }
+    return 0;
+}
+
+/* Replays from the remembered position: the rest of the tail segment, then
+ * each later segment (ids only grow) that starts exactly at the expected
+ * sequence. The first one that does not is, with `final`, a break: it and
+ * everything after it were never durable (a sync covers all earlier records
+ * first) and are deleted, as at any open. Without `final` (another process
+ * is appending) it is "not yet", and the files are left alone. Caller holds
+ * mu or owns w alone. */
+static int advance(struct wal *w, int final, struct wal_replay_stats *st, char *errmsg, size_t errlen) {
     uint64_t *ids = NULL;
     size_t nids = 0;
-    int rc = list_segment_ids(dir, &ids, &nids);
-    if (rc) { free(ids); return rc; }
-
-    uint64_t expect = 0; /* 0: take the first segment's start */
+    int rc = list_segment_ids(w->dir, &ids, &nids);
+    uint8_t *buf = rc ? NULL : malloc((size_t)WAL_REC_HDR_SIZE + GLIDE_MAX_IO);
+    if (!rc && !buf) rc = -ENOMEM;
     int stopped = 0;
-    for (size_t i = 0; i < nids; i++) {
-        char path[sizeof((struct wal_segment *)0)->path];
-        snprintf(path, sizeof path, "%s/%016llx.seg", dir, (unsigned long long)ids[i]);
+    for (size_t i = 0; i < nids && !rc; i++) {
         if (ids[i] >= w->next_seg_id) w->next_seg_id = ids[i] + 1;
-        if (stopped) {
-            /* Beyond a break in the sequence: nothing here was ever durable. */
-            struct stat sb;
-            if (stat(path, &sb) == 0) st->discarded_bytes += (uint64_t)sb.st_size;
-            unlink(path);
-            continue;
-        }
-        int fd = open(path, O_RDWR | O_CLOEXEC);
-        if (fd < 0) { rc = -errno; break; }
-        struct stat sb;
-        uint8_t hb[WAL_SEG_HDR_SIZE];
+        if (w->tail && ids[i] <= w->tail->id) continue;
+        char path[sizeof((struct wal_segment *)0)->path];
+        snprintf(path, sizeof path, "%s/%016llx.seg", w->dir, (unsigned long long)ids[i]);
+        if (stopped) { discard_file(path, st); continue; }
+        int fd;
         struct wal_segment_header h;
-        if (fstat(fd, &sb) < 0 || pread(fd, hb, sizeof hb, 0) != (ssize_t)sizeof hb ||
-            wal_segment_header_decode(hb, sizeof hb, &h) != WAL_DECODE_OK || h.seg_id != ids[i] ||
-            (expect && h.start_seq != expect)) {
-            /* A segment whose header never became durable, or that starts past a
-             * gap: it and everything after it are an undurable tail. */
+        int bad = open_segment(path, ids[i], &fd, &h);
+        if (bad < 0) { rc = bad; break; }
+        /* The writer creates a segment only after every record of the one
+         * before it is complete: having seen this header, the rest of the
+         * tail read now is all there will be. */
+        if (w->tail) rc = replay_segment(w, w->tail, buf, st);
+        if (rc) { close(fd); break; }
+        if (bad || (w->expect && h.start_seq != w->expect)) {
             close(fd);
-            st->discarded_bytes += (uint64_t)sb.st_size;
-            unlink(path);
+            if (!final) break;
+            discard_file(path, st);
             stopped = 1;
             continue;
         }
-        if (memcmp(h.volume_id, volume_id, 16) != 0) {
+        if (memcmp(h.volume_id, w->volume_id, 16) != 0) {
             close(fd);
             snprintf(errmsg, errlen, "WAL segment %s belongs to another volume", path);
             rc = -EUCLEAN;
             break;
         }
-        if (!expect) {
-            if (h.start_seq > checkpoint_seq + 1) {
+        if (!w->expect) {
+            if (h.start_seq > w->checkpoint_seq + 1) {
                 close(fd);
                 snprintf(errmsg, errlen,
                          "WAL gap: checkpoint is at seq %llu but the oldest segment %s starts at %llu; "
                          "records in between are missing",
-                         (unsigned long long)checkpoint_seq, path, (unsigned long long)h.start_seq);
+                         (unsigned long long)w->checkpoint_seq, path, (unsigned long long)h.start_seq);
                 rc = -EUCLEAN;
                 break;
             }
-            expect = h.start_seq;
+            w->expect = h.start_seq;
         }
         struct wal_segment *s = calloc(1, sizeof *s);
         if (!s) { close(fd); rc = -ENOMEM; break; }
@@ -429,35 +445,88 @@ int wal_open(struct wal *w, const char *dir, const uint8_t volume_id[16], uint64
         s->id = h.seg_id;
         s->start_seq = h.start_seq;
         s->end_seq = h.start_seq - 1;
+        s->size = WAL_SEG_HDR_SIZE;
         atomic_init(&s->refs, 1);
         snprintf(s->path, sizeof s->path, "%s", path);
-        uint64_t valid_end = WAL_SEG_HDR_SIZE;
-        rc = replay_segment(s, &expect, checkpoint_seq, fn, ctx, st, (uint64_t)sb.st_size, &valid_end);
-        s->size = valid_end;
         link_segment(w, s);
         st->segments++;
-        if (rc) break;
-        if (valid_end < (uint64_t)sb.st_size) {
-            /* Torn or corrupt tail: cut it off so it can never be mistaken for
-             * records later, and keep reading only if the next segment starts
-             * exactly where this one's valid records end. */
-            st->discarded_bytes += (uint64_t)sb.st_size - valid_end;
-            if (ftruncate(fd, (off_t)valid_end) < 0 || fdatasync(fd) < 0) { rc = -errno; break; }
-        }
     }
+    if (!rc && w->tail) rc = replay_segment(w, w->tail, buf, st);
+    if (!rc && final) rc = truncate_tails(w, st);
+    free(buf);
     free(ids);
-    if (rc) return rc;
-
-    uint64_t last = st->last_seq > checkpoint_seq ? st->last_seq : checkpoint_seq;
+    uint64_t last = st->last_seq > w->checkpoint_seq ? st->last_seq : w->checkpoint_seq;
     w->next_seq = last + 1;
+    return rc;
+}
+
+/* After the last replay: the new active segment, everything replayed counted
+ * as durable, group commit running. */
+static int start_active(struct wal *w) {
     struct wal_segment *active;
-    rc = create_segment(w, w->next_seq, &active);
+    int rc = create_segment(w, w->next_seq, &active);
     if (rc) return rc;
     link_segment(w, active);
-    w->synced_seq = last; /* everything replayed is on disk */
+    w->synced_seq = w->next_seq - 1; /* everything replayed is on disk */
     if (pthread_create(&w->sync_thread, NULL, sync_main, w) != 0) return -EAGAIN;
     w->sync_started = 1;
+    w->passive = 0;
     return 0;
+}
+
+static int open_common(struct wal *w, const char *dir, const uint8_t volume_id[16], uint64_t seg_size,
+                       uint64_t checkpoint_seq, int passive, wal_replay_fn fn, void *ctx,
+                       struct wal_replay_stats *st, char *errmsg, size_t errlen) {
+    memset(w, 0, sizeof *w);
+    memset(st, 0, sizeof *st);
+    snprintf(w->dir, sizeof w->dir, "%s", dir);
+    memcpy(w->volume_id, volume_id, 16);
+    w->seg_size = seg_size;
+    w->passive = passive;
+    w->checkpoint_seq = checkpoint_seq;
+    w->replay_fn = fn;
+    w->replay_ctx = ctx;
+    pthread_mutex_init(&w->mu, NULL);
+    pthread_mutex_init(&w->sync_mu, NULL);
+    pthread_cond_init(&w->sync_cv, NULL);
+    w->next_seg_id = 1;
+    if (!passive && mkdir(dir, 0700) < 0 && errno != EEXIST) return -errno;
+    w->dir_fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (w->dir_fd < 0) return -errno;
+    if (passive) return advance(w, 0, st, errmsg, errlen);
+    remove_free_files(dir);
+    int rc = advance(w, 1, st, errmsg, errlen);
+    return rc ? rc : start_active(w);
+}
+
+int wal_open(struct wal *w, const char *dir, const uint8_t volume_id[16], uint64_t seg_size,
+             uint64_t checkpoint_seq, wal_replay_fn fn, void *ctx, struct wal_replay_stats *st,
+             char *errmsg, size_t errlen) {
+    return open_common(w, dir, volume_id, seg_size, checkpoint_seq, 0, fn, ctx, st, errmsg, errlen);
+}
+
+int wal_open_passive(struct wal *w, const char *dir, const uint8_t volume_id[16], uint64_t seg_size,
+                     uint64_t checkpoint_seq, wal_replay_fn fn, void *ctx, struct wal_replay_stats *st,
+                     char *errmsg, size_t errlen) {
+    return open_common(w, dir, volume_id, seg_size, checkpoint_seq, 1, fn, ctx, st, errmsg, errlen);
+}
+
+int wal_catch_up(struct wal *w, struct wal_replay_stats *st, char *errmsg, size_t errlen) {
+    pthread_mutex_lock(&w->mu);
+    int rc = w->passive ? advance(w, 0, st, errmsg, errlen) : -EINVAL;
+    pthread_mutex_unlock(&w->mu);
+    return rc;
+}
+
+int wal_activate(struct wal *w, struct wal_replay_stats *st, char *errmsg, size_t errlen) {
+    pthread_mutex_lock(&w->mu);
+    int rc = w->passive ? advance(w, 1, st, errmsg, errlen) : -EINVAL;
+    if (!rc) {
+        remove_free_files(w->dir);
+        rc = start_active(w);
+    }
+    pthread_mutex_unlock(&w->mu);
+    return rc;
 }
 
 void wal_close(struct wal *w) {

@@ -13,7 +13,9 @@
  *    tail; they can never be replayed because their sequence numbers are all
  *    older than the one replay expects next;
  *  - replay accepts records only in unbroken sequence order with valid
- *    checksums and stops at the first that is not (invariant 3).
+ *    checksums and stops at the first that is not (invariant 3);
+ *  - a passive WAL (a handoff successor following another process's appends)
+ *    writes nothing to the directory until wal_activate.
  */
 #ifndef GLIDE_WAL_H
 #define GLIDE_WAL_H
@@ -36,6 +38,14 @@ struct wal_segment {
     atomic_int refs;  /* 1 owner reference while live + 1 per reader */
     struct wal_segment *next;
     char path[4096 + 32];
+};
+
+/* Called once per valid record beyond `checkpoint_seq` during replay, in order. */
+typedef int (*wal_replay_fn)(void *ctx, const struct wal_record *r, struct wal_segment *seg, uint64_t data_off);
+
+struct wal_replay_stats {
+    uint64_t records, applied, bytes, discarded_bytes, segments;
+    uint64_t last_seq;
 };
 
 struct wal_waiter {
@@ -70,6 +80,16 @@ struct wal {
     pthread_t sync_thread;
     int sync_started;
     atomic_ulong syncs;
+
+    /* Replay position, kept after open for a passive WAL (another process
+     * appends; we follow): `tail` is the segment being read, its `size` the
+     * end of the last valid record; `expect` the next sequence accepted (0:
+     * none seen yet, take the first segment's start). Under `mu`. */
+    int passive;
+    uint64_t expect;
+    uint64_t checkpoint_seq;
+    wal_replay_fn replay_fn;
+    void *replay_ctx;
 };
 
 struct wal_append_result {
@@ -78,13 +98,6 @@ struct wal_append_result {
     uint64_t data_off; /* offset of the record's data in seg */
 };
 
-/* Called once per valid record beyond `checkpoint_seq` during replay, in order. */
-typedef int (*wal_replay_fn)(void *ctx, const struct wal_record *r, struct wal_segment *seg, uint64_t data_off);
-
-struct wal_replay_stats {
-    uint64_t records, applied, bytes, discarded_bytes, segments;
-    uint64_t last_seq;
-};
 
 /* Open (replaying) or create the WAL in `dir`. Returns 0 or -errno; on a gap in
  * the log (records known to be missing) returns -EUCLEAN and fills errmsg. */
@@ -92,6 +105,23 @@ int wal_open(struct wal *w, const char *dir, const uint8_t volume_id[16], uint64
              uint64_t checkpoint_seq, wal_replay_fn fn, void *ctx, struct wal_replay_stats *st,
              char *errmsg, size_t errlen);
 void wal_close(struct wal *w);
+
+/* Passive open for a handoff successor while the predecessor still appends
+ * (with checkpoints and retirement suspended): replays like wal_open but
+ * changes nothing on disk (no truncation, no deletion, no spare removal, no
+ * active segment, no sync thread) and remembers where it stopped. */
+int wal_open_passive(struct wal *w, const char *dir, const uint8_t volume_id[16], uint64_t seg_size,
+                     uint64_t checkpoint_seq, wal_replay_fn fn, void *ctx, struct wal_replay_stats *st,
+                     char *errmsg, size_t errlen);
+/* Passive only: replay what was appended since, from the remembered position
+ * into later segments. A record or segment header still being written is
+ * "not yet", never an error. Adds to *st. */
+int wal_catch_up(struct wal *w, struct wal_replay_stats *st, char *errmsg, size_t errlen);
+/* Passive only, once the writer has stopped and made its WAL durable: a last
+ * catch-up that treats a torn or broken tail exactly as wal_open does
+ * (truncate, delete after a break), then drop spares, create the active
+ * segment and start group commit. Afterwards the WAL is as wal_open leaves it. */
+int wal_activate(struct wal *w, struct wal_replay_stats *st, char *errmsg, size_t errlen);
 
 /* Caller holds w->mu. Appends one record; data is NULL for zero kinds. */
 int wal_append_locked(struct wal *w, uint8_t kind, uint64_t lba, uint32_t nblocks, const void *data,
