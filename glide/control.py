@@ -33,7 +33,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from glide.block import BLOCK_SIZE
 from glide.config import VOLUME_NAME_RE, Config, VolumeConfig, parse_hostport
 from glide.errors import (
     Conflict,
+    HandoffInProgress,
     InvalidRequest,
     NoSuchVolume,
     NotReady,
@@ -50,6 +51,7 @@ from glide.errors import (
     VolumeBusy,
 )
 from glide.export.nbd import Export
+from glide.handoff.stats import HandoffStats
 from glide.repo.manifest import Fenced, root_key
 from glide.store import NotFound, ObjectStore
 from glide.volume.registry import VolumeRegistry
@@ -110,6 +112,12 @@ class Control:
         self.listeners_up = False
         self._reserved: set[str] = set()  # names with a create or delete in progress
         self.uses_ublk = False
+        # The handoff: the daemon installs the runner (glide/handoff/); the
+        # record of the running or last handoff is what GET /v1/handoff shows.
+        self.handoff_runner: Callable[[bool], Awaitable[dict[str, Any]]] | None = None
+        self.handoff_record: dict[str, Any] | None = None
+        self.handoff_running = False
+        self.handoff_stats = HandoffStats()
 
     # ---- views ----
 
@@ -135,6 +143,31 @@ class Control:
     def _check_serving(self, what: str) -> None:
         if self.phase != "serving":
             raise NotReady(f"cannot {what} now: the daemon is {self.phase} ({self.detail})")
+        if self.handoff_running:
+            # The successor warms from the volume set and files as they are.
+            raise HandoffInProgress(f"cannot {what} now: a handoff is in progress; "
+                                    "retry when it has finished (GET /v1/handoff)")
+
+    # ---- handoff ----
+
+    def handoff_view(self) -> dict[str, Any]:
+        """The running or last handoff, or {"state": "none"}."""
+        return dict(self.handoff_record) if self.handoff_record else {"state": "none"}
+
+    async def handoff(self, dry_run: bool) -> dict[str, Any]:
+        """Run a handoff to a new daemon and answer its outcome record.
+        Raises HandoffInProgress when one runs, HandoffAborted when it did
+        not complete (this daemon then still serves)."""
+        if self.handoff_running:
+            raise HandoffInProgress("a handoff is already running (GET /v1/handoff)")
+        self._check_serving("start a handoff")
+        if self.handoff_runner is None:
+            raise NotReady("the daemon cannot hand off yet")
+        self.handoff_running = True
+        try:
+            return await self.handoff_runner(dry_run)
+        finally:
+            self.handoff_running = False
 
     def volume_info(self, name: str) -> dict[str, Any]:
         """Size, exports, connections, WAL/dirty/cache bytes and the last commit.
@@ -187,7 +220,7 @@ class Control:
             "detail": why,
             "data_dir": str(self.cfg.data_dir),
             "store": self.cfg.store.describe(self.cfg.data_dir),
-            "handoff": {"state": "none"},
+            "handoff": self.handoff_view(),
             "volumes": [v for n in sorted(dict(self.served)) if (v := self._summary(n))],
         }
 

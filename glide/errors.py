@@ -74,6 +74,24 @@ class VolumeBusy(Conflict):
     code = "busy"
 
 
+class HandoffInProgress(Conflict):
+    """A handoff is running: a second one, or a volume lifecycle change, waits."""
+
+    code = "handoff_in_progress"
+
+
+class HandoffAborted(GlideError):
+    """The handoff did not complete; the running daemon still serves. The
+    outcome record rides along for the API and the CLI."""
+
+    http_status = 503
+    code = "handoff_aborted"
+
+    def __init__(self, message: str, record: dict | None = None) -> None:
+        super().__init__(message)
+        self.record = record or {}
+
+
 class NotReady(GlideError):
     """The daemon is starting or stopping and cannot do this now."""
 

@@ -38,6 +38,12 @@ class Histogram:
             self._counts[bisect_left(self.bounds, seconds)] += 1
             self._sum += seconds
 
+    def restore(self, counts: Sequence[int], total: float) -> None:
+        """Continue from numbers another process counted (a handoff)."""
+        with self._lock:
+            self._counts = list(counts)
+            self._sum = total
+
     def snapshot(self) -> HistogramSnapshot:
         with self._lock:
             return HistogramSnapshot(self.bounds, tuple(self._counts), self._sum)
