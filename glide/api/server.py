@@ -115,6 +115,17 @@ class AdminListeners:
             self.token = read_token(self.cfg.api.token_file)
             self.sockets.append(bind_tcp(self.cfg.api.listen, "api.listen"))
 
+    def adopt(self, addr: str, sock: socket.socket | None) -> None:
+        """A handoff successor's listener at `addr`: the predecessor's socket
+        when it passed one, else a fresh bind."""
+        unix = addr == self.cfg.admin_socket_path()
+        if not unix:
+            assert self.cfg.api.token_file is not None
+            self.token = read_token(self.cfg.api.token_file)
+        if sock is None:
+            sock = bind_unix(addr, 0o600) if unix else bind_tcp(addr, "api.listen")
+        self.sockets.append(sock)
+
     def start(self) -> None:
         for sock in self.sockets:
             tcp = sock.family != socket.AF_UNIX
@@ -131,12 +142,14 @@ class AdminListeners:
             self.servers.append(server)
             self.tasks.append(asyncio.create_task(server.serve(sockets=[sock])))
 
-    async def stop(self) -> None:
+    async def stop(self, unlink: bool = True) -> None:
+        """`unlink=False` after a handoff: the path belongs to the successor."""
         for server in self.servers:
             server.should_exit = True
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
         for sock in self.sockets:
             sock.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.cfg.admin_socket_path())
+        if unlink:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.cfg.admin_socket_path())

@@ -36,6 +36,24 @@ class DataDirLock:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
 
+    def adopt(self, fd: int) -> None:
+        """Take over the lock a handoff predecessor passed (its own open file
+        description, so the lock was never free). The fd must be our lock
+        file, and the flock on it must hold: flock on a description that
+        already holds it succeeds, on any other it would fail."""
+        st, mine = os.fstat(fd), os.stat(self.path)
+        if (st.st_dev, st.st_ino) != (mine.st_dev, mine.st_ino):
+            os.close(fd)
+            raise DataDirInUse(f"the handoff passed an fd that is not {self.path}")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            raise DataDirInUse(f"the handoff passed {self.path} without its lock") from e
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
     def release(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

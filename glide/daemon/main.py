@@ -36,6 +36,8 @@ import resource
 import signal
 import socket
 import time
+from pathlib import Path
+from typing import Any
 
 from glide import _native
 from glide.api.app import build_app
@@ -45,8 +47,10 @@ from glide.config import Config, parse_hostport
 from glide.control import Control
 from glide.daemon.lock import DataDirLock
 from glide.daemon.sdnotify import SystemdNotifier
-from glide.errors import StartupError
+from glide.errors import GlideError, StartupError
 from glide.export.nbd import negotiate_and_attach
+from glide.handoff.predecessor import SOCKET_ENV, HandoffPredecessor
+from glide.handoff.successor import HandoffSuccessor, listener_socket
 from glide.repo.manifest import Fenced
 from glide.store import ObjectStore, StoreError, from_config
 from glide.store.metered import MeteredStore
@@ -66,7 +70,12 @@ class Daemon:
         self.stop_event: asyncio.Event | None = None
         # Pending handshakes, oldest first (dicts keep insertion order).
         self.handshakes: dict[asyncio.Task, None] = {}
+        self.accept_tasks: list[asyncio.Task] = []
+        self.admin: AdminListeners | None = None
         self.notifier = SystemdNotifier()
+        self.handoff: HandoffSuccessor | None = None  # how this process started
+        self.handoff_task: asyncio.Task | None = None  # a handoff this daemon runs
+        self.successor_pid: int | None = None  # set once handed off: exit quietly
 
     # ---- start-up ----
 
@@ -146,33 +155,76 @@ class Daemon:
     def run(self) -> int:
         self.raise_fd_limit()
         self.cfg.data_dir.mkdir(parents=True, exist_ok=True)
-        self.lock.acquire()
+        successor_of = os.environ.pop(SOCKET_ENV, None)
+        if successor_of is None:
+            self.lock.acquire()
         try:
             self.registry = VolumeRegistry.load(self.cfg.data_dir)
             self.control = Control(self.cfg, self.registry)
             self.prepare_ublk(self.control)
+            if successor_of is not None:
+                return asyncio.run(self._main_successor(self.control, successor_of))
             return asyncio.run(self._main(self.control))
         finally:
             self._close(self.control)
             self.lock.release()
 
-    async def _main(self, control: Control) -> int:
+    def _signals(self) -> None:
         loop = asyncio.get_running_loop()
         self.stop_event = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._request_stop, sig)
         loop.add_signal_handler(signal.SIGHUP, self._sighup)
 
+    async def _main(self, control: Control) -> int:
+        self._signals()
         # The admin API comes up first, so status and readiness can be asked
         # while the volumes open (a cold open of a large volume takes time).
-        metrics = Metrics(control)
-        admin = AdminListeners(self.cfg, build_app(control, metrics.scrape))
-        admin.bind()
-        admin.start()
+        self.admin = AdminListeners(self.cfg, build_app(control, Metrics(control).scrape))
+        self.admin.bind()
+        self.admin.start()
         try:
             return await self._serve(control)
         finally:
-            await admin.stop()
+            await self.admin.stop(unlink=self.successor_pid is None)
+
+    async def _main_successor(self, control: Control, sock_path: str) -> int:
+        """A handoff successor: warm beside the running daemon, take over at
+        CUTOVER, then serve like any daemon (glide/handoff/successor.py)."""
+        self._signals()
+        succ = HandoffSuccessor(self, sock_path)
+        prepare = asyncio.ensure_future(asyncio.to_thread(succ.prepare))
+        try:
+            go = await prepare
+        except BaseException as e:
+            log.error("handoff: this successor gives up before the cutover: %s", e)
+            return 1
+        if not go:
+            return 0 if succ.dry_run else 1
+        self.admin = AdminListeners(self.cfg, build_app(control, Metrics(control).scrape))
+        try:
+            await succ.takeover()
+            self.admin.start()
+            self.handoff = succ
+            became_main = asyncio.create_task(self._became_main(succ))
+            code = await self._serve_until_stop(control)
+            became_main.cancel()
+            return code
+        finally:
+            await self.admin.stop(unlink=self.successor_pid is None)
+
+    async def _became_main(self, succ: HandoffSuccessor) -> None:
+        """systemd accepts our notifications once the predecessor is gone and
+        it has read the PID file (NotifyAccess=main); say READY a few times
+        so one lands after it has."""
+        if not await succ.wait_predecessor_exit():
+            log.warning("handoff: the predecessor (pid %s) has not exited", succ.predecessor_pid)
+        assert self.control is not None
+        self._write_pid_file(os.getpid())
+        for delay in (0.0, 0.5, 2.0):
+            await asyncio.sleep(delay)
+            self.notifier.send(READY=1,
+                               STATUS=f"serving {len(self.control.served)} volume(s)")
 
     async def _serve(self, control: Control) -> int:
         assert self.stop_event is not None
@@ -190,28 +242,33 @@ class Daemon:
         self.listen_socks.append(bind_unix(unix_path, 0o660))
         if self.cfg.nbd_tcp:
             self.listen_socks.append(bind_tcp(self.cfg.nbd_tcp, "nbd.tcp"))
-        default = next(iter(control.exports), "")
-        accept_tasks = [asyncio.create_task(self._accept_loop(s, default))
-                        for s in self.listen_socks]
+        self.start_accepting()
         control.start_scheduler()
         control.listeners_up = True
+        control.handoff_runner = self._handoff
         if control.phase == "starting":
             control.phase, control.detail = "serving", "serving"
+            self._write_pid_file(os.getpid())
             self._announce(unix_path)
+        return await self._serve_until_stop(control)
 
+    async def _serve_until_stop(self, control: Control) -> int:
+        assert self.stop_event is not None
+        control.handoff_runner = self._handoff
         await self.stop_event.wait()
+        if self.handoff_task is not None and not self.handoff_task.done():
+            log.info("stop requested during a handoff; stopping once it has ended")
+            await asyncio.gather(self.handoff_task, return_exceptions=True)
+        if self.successor_pid is not None:
+            return self._exit_handed_off(control)
         log.info("shutting down")
         control.begin_stop()
         self.notifier.send(STOPPING=1, STATUS="stopping: draining connections")
-        for t in accept_tasks:
-            t.cancel()
+        await self.pause_accepting()
         for s in self.listen_socks:
             s.close()
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(unix_path)
-        for t in list(self.handshakes):
-            t.cancel()
-        await asyncio.gather(*accept_tasks, *self.handshakes, return_exceptions=True)
+            os.unlink(self.cfg.unix_socket_path())
         unsynced = await asyncio.to_thread(self._drain, control)
         if unsynced:
             log.error("stopped; %d volume(s) keep unsynced blocks in their WAL for the next "
@@ -220,6 +277,108 @@ class Daemon:
             log.info("stopped cleanly: every volume synced to the store (%d)",
                      len(control.served))
         return 0
+
+    def _exit_handed_off(self, control: Control) -> int:
+        """The successor serves: leave every socket path, device and file to
+        it; only our own descriptors close."""
+        for s in self.listen_socks:
+            s.close()
+        log.info("handed off to pid %d; exiting", self.successor_pid)
+        return 0
+
+    # ---- accepting (the handoff pauses and moves it) ----
+
+    def start_accepting(self) -> None:
+        default = next(iter(self.control.exports), "") if self.control else ""
+        self.accept_tasks = [asyncio.create_task(self._accept_loop(s, default))
+                             for s in self.listen_socks]
+
+    async def pause_accepting(self, settle: float = 0.5) -> None:
+        """Stop accepting (the sockets stay open: new clients wait in the
+        backlog), give handshakes in progress `settle` seconds to finish,
+        and drop the rest: only a stalled client is that slow."""
+        for t in self.accept_tasks:
+            t.cancel()
+        await asyncio.gather(*self.accept_tasks, return_exceptions=True)
+        self.accept_tasks = []
+        if self.handshakes:
+            _, pending = await asyncio.wait(list(self.handshakes), timeout=settle)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    def resume_accepting(self) -> None:
+        if not self.accept_tasks:
+            self.start_accepting()
+
+    def listener_fds(self) -> tuple[list[dict[str, str]], list[int]]:
+        """What a successor inherits: every listening socket, named by what
+        it serves and the address it was configured with."""
+        names: list[dict[str, str]] = []
+        fds: list[int] = []
+        for s in self.listen_socks:
+            unix = s.family == socket.AF_UNIX
+            names.append({"role": "nbd", "addr": self.cfg.unix_socket_path() if unix
+                          else str(self.cfg.nbd_tcp)})
+            fds.append(s.fileno())
+        if self.admin is not None:
+            for s in self.admin.sockets:
+                unix = s.family == socket.AF_UNIX
+                names.append({"role": "admin", "addr": self.cfg.admin_socket_path() if unix
+                              else str(self.cfg.api.listen)})
+                fds.append(s.fileno())
+        return names, fds
+
+    def adopt_listeners(self, inherited: list[tuple[dict[str, Any], int]]) -> None:
+        """Serve on the predecessor's sockets where our configuration names
+        the same address; bind fresh ones where it changed."""
+        want_nbd = [self.cfg.unix_socket_path()] + ([self.cfg.nbd_tcp] if self.cfg.nbd_tcp else [])
+        want_admin = [self.cfg.admin_socket_path()] + (
+            [self.cfg.api.listen] if self.cfg.api.listen else [])
+        got: dict[tuple[str, str], socket.socket] = {}
+        for meta, fd in inherited:
+            s = listener_socket(fd)
+            key = (str(meta.get("role")), str(meta.get("addr")))
+            if key[0] == "nbd" and key[1] in want_nbd or key[0] == "admin" and key[1] in want_admin:
+                got[key] = s
+            else:
+                log.info("handoff: no longer listening on %s (%s)", key[1], key[0])
+                s.close()
+        for addr in want_nbd:
+            s = got.pop(("nbd", addr), None)
+            if s is None:
+                s = (bind_unix(addr, 0o660) if addr == self.cfg.unix_socket_path()
+                     else bind_tcp(addr, "nbd.tcp"))
+            self.listen_socks.append(s)
+        assert self.admin is not None
+        for addr in want_admin:
+            s = got.pop(("admin", addr), None)
+            self.admin.adopt(addr, s)
+
+    def handed_off(self, successor_pid: int) -> None:
+        """The handoff succeeded: the PID file names the successor before we
+        exit (systemd reads it when we, the main process, are gone)."""
+        self.successor_pid = successor_pid
+        self._write_pid_file(successor_pid)
+        assert self.stop_event is not None
+        self.stop_event.set()
+
+    def _write_pid_file(self, pid: int) -> None:
+        path = getattr(self.cfg, "pid_file", None)
+        if path is None:
+            return
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(f"{pid}\n")
+            os.replace(tmp, path)
+        except OSError as e:
+            log.error("cannot write the PID file %s: %s", path, e)
+
+    async def _handoff(self, dry_run: bool) -> dict[str, Any]:
+        self.handoff_task = asyncio.current_task()
+        return await HandoffPredecessor(self).run(dry_run)
 
     def _open(self, control: Control) -> None:
         control.open_store(self.open_store)
@@ -252,7 +411,20 @@ class Daemon:
         self.stop_event.set()
 
     def _sighup(self) -> None:
-        log.warning("SIGHUP received: the zero-downtime handoff is not in this build; ignoring")
+        assert self.control is not None
+        if self.control.handoff_running:
+            log.warning("SIGHUP received: a handoff is already running; ignoring")
+            return
+        log.info("SIGHUP received: starting a handoff")
+
+        async def run() -> None:
+            assert self.control is not None
+            try:
+                await self.control.handoff(False)
+            except GlideError as e:
+                log.error("handoff on SIGHUP failed: %s", e)
+
+        asyncio.create_task(run())
 
     def _drain(self, control: Control) -> list[str]:
         """Answer what is in flight, then flush every volume to the store;

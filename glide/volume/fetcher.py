@@ -80,12 +80,17 @@ class Fetcher:
         self._thread.start()
 
     def stop(self) -> None:
+        """Idempotent: a handoff stops the fetcher at its freeze, and the
+        volume's close stops it again."""
+        if self._stop_w < 0:
+            return
         os.write(self._stop_w, b"x")
         if self._thread is not None:
             self._thread.join()
         self.pool.shutdown(wait=True)
         os.close(self._stop_r)
         os.close(self._stop_w)
+        self._stop_r = self._stop_w = -1
 
     def _run(self) -> None:
         fd = self.volume.miss_fd()

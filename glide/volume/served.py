@@ -202,6 +202,40 @@ class ServedVolume:
         sv.fetcher.start()
         return sv
 
+    @classmethod
+    def open_passive(cls, cfg: Config, vc: VolumeConfig, store: ObjectStore,
+                     store_id: str) -> WarmVolume:
+        """A handoff successor's warm-up: the cache opened passively (nothing
+        on disk changes, glide/handoff/successor.py) and the manifest read.
+        Only the warm case exists here: the running daemon serves this cache
+        and is the store's last writer; anything else is VolumeConflict, and
+        the handoff aborts with the old daemon still serving."""
+        vdir = cfg.data_dir / "volumes" / vc.name
+        binding = Binding.load(vdir)
+        if binding is None or binding.store_id != store_id:
+            raise VolumeConflict(f"volume {vc.name}: {vdir} is not bound to this store; "
+                                 "the running daemon does not serve it from here")
+        t0 = time.monotonic()
+        try:
+            vol = _native.Volume(str(vdir), vc.size, cfg.wal_budget, cfg.wal_segment_size,
+                                 passive=True)
+        except ValueError as e:
+            raise VolumeConflict(f"volume {vc.name}: {e}") from None
+        try:
+            manifest = Manifest.open(store, vc.name)
+            if writer_cache_id(manifest.root.writer) != binding.cache_id:
+                raise VolumeConflict(
+                    f"volume {vc.name}: the store's latest version was written by "
+                    f"{manifest.root.writer}, not by this cache's daemon")
+            _check_not_smaller(vc, manifest)
+        except BaseException:
+            vol.close()
+            raise
+        st = vol.stats()
+        log.info("warmed volume=%s passively: replayed_records=%d ms=%.1f", vc.name,
+                 st["replayed_records"], (time.monotonic() - t0) * 1000)
+        return WarmVolume(cfg, vc, vol, store, binding)
+
     @staticmethod
     def _open_native(cfg: Config, vc: VolumeConfig, vdir: Path) -> _native.Volume:
         t0 = time.monotonic()
@@ -369,6 +403,59 @@ class ServedVolume:
     def dirty_blocks(self) -> int:
         return self.vol.stats()["dirty_blocks"]
 
+    def manifest_cache_id(self) -> str:
+        cid = writer_cache_id(self.manifest.root.writer)
+        assert cid is not None
+        return cid
+
+    def restart_fetcher(self) -> None:
+        """A handoff that aborted after its freeze stopped the fetcher."""
+        self.fetcher.stop()
+        self.fetcher = Fetcher(self.vol, self.manifest, self.store)
+        self.fetcher.start()
+
     def close(self) -> None:
         self.fetcher.stop()
+        self.vol.close()
+
+
+class WarmVolume:
+    """A volume a handoff successor opened passively: it follows the running
+    daemon's WAL (`catch_up`) until the cutover, then `activate` makes it an
+    ordinary served volume. Activation reads the store's root again (the
+    predecessor may have committed during the warm-up) but does not write
+    it: `adopt` takes ownership once I/O runs again, so the store's round
+    trip is not part of the guests' stall."""
+
+    def __init__(self, cfg: Config, vc: VolumeConfig, vol: _native.Volume,
+                 store: ObjectStore, binding: Binding) -> None:
+        self.cfg, self.vc, self.vol, self.store, self.binding = cfg, vc, vol, store, binding
+
+    def catch_up(self) -> int:
+        return self.vol.catch_up()[0]
+
+    def activate(self) -> ServedVolume:
+        self.vol.activate()
+        manifest = Manifest.open(self.store, self.vc.name)
+        if writer_cache_id(manifest.root.writer) != self.binding.cache_id:
+            raise VolumeConflict(f"volume {self.vc.name}: the store's root changed hands "
+                                 f"during the handoff (written by {manifest.root.writer})")
+        cfg = self.cfg
+        sv = ServedVolume(self.vc.name, self.vol, manifest, self.store,
+                          None if cfg.cache_size is None else cached_block_budget(cfg.cache_size),
+                          cfg.store.commit_deadline)
+        sv.needs_adopt = len(self.vol.local_only_blocks()) > 0
+        sv.fetcher.start()
+        return sv
+
+    @staticmethod
+    def adopt(sv: ServedVolume, vc: VolumeConfig) -> None:
+        """Own the manifest (fences any other writer) and finish a configured
+        grow; before the first sync of this volume."""
+        sv.manifest.take_ownership(writer_id(sv.manifest_cache_id()))
+        if sv.manifest.root.size < vc.size:
+            sv.manifest.grow(vc.size)
+            log.info("volume=%s: grew to %d bytes (v%d)", vc.name, vc.size, sv.manifest.version)
+
+    def close(self) -> None:
         self.vol.close()
