@@ -145,6 +145,10 @@ class Config:
     config_path: Path | None = None
     api: ApiConfig = field(default_factory=ApiConfig)
     log_format: str = "text"  # text (logfmt) or json
+    # Where the daemon keeps its pid for a service manager (systemd's
+    # PIDFile=); a handoff's predecessor rewrites it with the successor's pid
+    # before it exits. None: no pid file.
+    pid_file: Path | None = None
 
     def unix_socket_path(self) -> str:
         return self.nbd_unix or str(self.data_dir / "nbd.sock")
@@ -175,12 +179,16 @@ def load_file(path: Path) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path}: {e}") from e
     cfg = Config(config_path=path)
-    known = {"data_dir", "nbd", "cache", "volume", "ublk", "store", "api", "log"}
+    known = {"data_dir", "pid_file", "nbd", "cache", "volume", "ublk", "store", "api", "log"}
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"config file {path}: unknown keys {sorted(unknown)}")
     if "data_dir" in raw:
         cfg.data_dir = Path(raw["data_dir"])
+    if "pid_file" in raw:
+        if not isinstance(raw["pid_file"], str):
+            raise ConfigError(f"config file {path}: pid_file must be a path (a string)")
+        cfg.pid_file = Path(raw["pid_file"]) if raw["pid_file"] else None
     nbd = raw.get("nbd", {})
     if "unix" in nbd:
         cfg.nbd_unix = nbd["unix"] or None
@@ -267,6 +275,17 @@ def load_store(raw: dict, path: Path) -> StoreConfig:
     return store
 
 
+def check_pid_file(path: Path) -> None:
+    """Absolute (systemd reads it from its own working directory) and not a
+    directory. Its directory is not required here: offline commands (drain,
+    gc) validate the daemon's config while /run/glidefs does not exist."""
+    if not path.is_absolute():
+        raise ConfigError(f"pid_file {str(path)!r} must be an absolute path")
+    if path.is_dir():
+        raise ConfigError(f"pid_file {path} is a directory; name a file in it, e.g. "
+                          f"{path / 'glidefs.pid'}")
+
+
 def ensure_default_volume(cfg: Config) -> None:
     if not cfg.volumes:
         cfg.volumes.append(VolumeConfig("default", 1 << 30, implicit=True))
@@ -320,6 +339,8 @@ def validate(cfg: Config) -> None:
     if len(admin.encode()) >= 108:
         raise ConfigError(f"admin socket path {admin} is too long for AF_UNIX (max 107 "
                           "bytes); choose a shorter data directory")
+    if cfg.pid_file is not None:
+        check_pid_file(cfg.pid_file)
     if cfg.log_format not in ("text", "json"):
         raise ConfigError(f"log format must be text or json, got {cfg.log_format!r}")
     if cfg.api.listen:

@@ -25,7 +25,7 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -35,7 +35,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from glide import __version__
-from glide.errors import GlideError, NotBuilt
+from glide.errors import GlideError, HandoffAborted
 
 log = logging.getLogger("glide.api")
 
@@ -122,8 +122,49 @@ class VolumeList(BaseModel):
     volumes: list[VolumeSummary]
 
 
-class HandoffState(BaseModel):
-    state: str
+class HandoffPhase(BaseModel):
+    phase: str
+    seconds: float = Field(description="how long the phase took")
+
+
+class HandoffRecord(BaseModel):
+    """The outcome record of one handoff (glide/handoff/record.py): the same
+    object answers POST /admin/handoff, GET /v1/handoff and rides in a 503."""
+
+    id: str = Field(description="8 hex digits, in the log lines of both daemons")
+    dry_run: bool
+    state: str = Field(description="running or done")
+    result: str | None = Field(description="null while running; succeeded, aborted, dry_run "
+                                           "or revived (the successor died after the cutover "
+                                           "and this daemon took its devices back)")
+    phase: str = Field(description="the current or last phase: pausing_sync, "
+                                   "starting_successor, warming, ready, freezing, cutover, "
+                                   "takeover, done, aborted")
+    started_unix: float
+    duration_seconds: float | None = Field(description="null while running")
+    stall_seconds: float | None = Field(
+        description="measured I/O stall: from the predecessor's first stopped request to the "
+                    "successor's last resumed export; null if it never froze")
+    phases: list[HandoffPhase] = Field(description="completed phases in order")
+    predecessor_pid: int
+    successor_pid: int | None
+    error: str | None = Field(description="why it aborted")
+    serving_pid: int = Field(description="the daemon that serves now")
+
+
+class NoHandoff(BaseModel):
+    state: Literal["none"] = Field(description="no handoff since this daemon started (nor "
+                                               "inherited from its predecessor)")
+
+
+HandoffView = HandoffRecord | NoHandoff
+
+
+class HandoffAbortedBody(ErrorBody):
+    handoff: HandoffRecord | None = Field(
+        None, description="the outcome record when a handoff ran and aborted (error "
+                          "handoff_aborted); absent when the daemon could not start one "
+                          "(not_ready)")
 
 
 class Status(BaseModel):
@@ -135,7 +176,7 @@ class Status(BaseModel):
     detail: str
     data_dir: str
     store: str
-    handoff: HandoffState
+    handoff: HandoffView
     volumes: list[VolumeSummary]
 
 
@@ -176,8 +217,10 @@ def build_app(control: Any, scrape: Scrape) -> FastAPI:  # noqa: ANN401
 
     @app.exception_handler(GlideError)
     async def glide_error(request: Request, exc: GlideError) -> JSONResponse:
-        return JSONResponse({"error": exc.code, "message": str(exc)},
-                            status_code=exc.http_status)
+        body: dict[str, Any] = {"error": exc.code, "message": str(exc)}
+        if isinstance(exc, HandoffAborted) and exc.record:
+            body["handoff"] = exc.record  # the outcome, so the caller can tell why
+        return JSONResponse(body, status_code=exc.http_status)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -250,19 +293,28 @@ def build_app(control: Any, scrape: Scrape) -> FastAPI:  # noqa: ANN401
         """Upload everything acknowledged so far and commit; answers with the version."""
         return await control.sync_volume(name)
 
-    @app.post("/admin/handoff", tags=["handoff"], status_code=501,
-              responses={501: {"model": ErrorBody}})
+    @app.post("/admin/handoff", response_model=HandoffRecord, tags=["handoff"],
+              responses={409: {"model": ErrorBody,
+                               "description": "a handoff is already running"},
+                         503: {"model": HandoffAbortedBody,
+                               "description": "the handoff aborted (this daemon still "
+                                              "serves; `handoff` says why) or the daemon is "
+                                              "not serving"}})
     async def start_handoff(
-        dry_run: Annotated[bool, Query(description="warm a successor, then abort it")] = False,
-    ) -> None:
-        """Start a zero-downtime handoff to a new daemon (not in this build)."""
-        raise NotBuilt("the zero-downtime handoff is not in this build")
+        dry_run: Annotated[bool, Query(description="warm a successor to READY, then abort "
+                                                   "it; this daemon is untouched")] = False,
+    ) -> dict[str, Any]:
+        """Hand this daemon's volumes, devices and connections over to a new daemon
+        started from the same config, without dropping I/O. Answers once the handoff
+        is over: 200 with the record when it succeeded (or the dry run reached READY),
+        503 with the record when it aborted."""
+        return await control.handoff(dry_run)
 
-    @app.get("/v1/handoff", tags=["handoff"], status_code=501,
-             responses={501: {"model": ErrorBody}})
-    async def get_handoff() -> None:
-        """The running or last handoff (not in this build)."""
-        raise NotBuilt("the zero-downtime handoff is not in this build")
+    @app.get("/v1/handoff", response_model=HandoffView, tags=["handoff"])
+    async def get_handoff() -> dict[str, Any]:
+        """The running or last handoff: phase, completed phases and their times,
+        outcome; {"state": "none"} if there was none."""
+        return control.handoff_view()
 
     @app.get("/metrics", tags=["daemon"], response_class=Response,
              responses={200: {"content": {"text/plain": {}}}})

@@ -38,7 +38,6 @@ IO_OPS = ("read", "write", "flush", "trim", "write_zeroes")
 # write_zeroes are metadata records (their counters stay). A histogram is
 # 15 series per volume and op: this keeps a 100-volume scrape smaller.
 TIMED_OPS = ("read", "write", "flush")
-HANDOFF_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 def _buckets(h: HistogramSnapshot) -> list[tuple[str, float]]:
@@ -169,16 +168,24 @@ class DaemonCollector:
         yield from (req, err, nbytes, lat)
 
     def _handoff(self) -> Iterator[Metric]:
-        # Declared now, at zero, so dashboards and alerts can be built before
-        # the handoff exists.
-        total = CounterMetricFamily("glidefs_handoffs", "handoffs by result", labels=["result"])
-        for result in ("ok", "aborted", "failed"):
-            total.add_metric([result], 0)
+        # Every result is exported, at zero until it happens, so an alert on
+        # aborts exists before the first one. The numbers are inherited from
+        # predecessor to successor (glide/handoff/stats.py): they count for
+        # the service, not for this process.
+        st = self.control.handoff_stats
+        total = CounterMetricFamily("glidefs_handoffs", "handoffs by result (succeeded, "
+                                    "aborted, dry_run, revived)", labels=["result"])
+        counts = dict(st.counts)
+        for result in sorted(counts):
+            total.add_metric([result], counts[result])
         yield total
-        for name, what in (("glidefs_handoff_duration_seconds", "handoff duration"),
-                           ("glidefs_handoff_stall_seconds", "longest I/O stall in a handoff")):
+        for name, what, hist in (
+                ("glidefs_handoff_duration_seconds", "handoff duration, trigger to outcome",
+                 st.duration),
+                ("glidefs_handoff_stall_seconds", "I/O stall of a handoff: the predecessor's "
+                 "first stopped request to the successor's last resumed export", st.stall)):
             h = HistogramMetricFamily(name, what)
-            h.add_metric([], _cumulative(HANDOFF_BUCKETS, [0] * (len(HANDOFF_BUCKETS) + 1)), 0.0)
+            h.add_metric([], _buckets(snap := hist.snapshot()), snap.total)
             yield h
 
 

@@ -17,17 +17,20 @@ from glide.errors import DaemonNotRunning, GlideError
 
 
 class RemoteError(GlideError):
-    """An error the daemon answered with; exit code by its HTTP status."""
+    """An error the daemon answered with; exit code by its HTTP status. `body`
+    is the whole JSON answer (a handoff's 503 carries its outcome record)."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str,
+                 body: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.http_status = status
         self.code = code
         self.exit_code = 2 if status in (400, 413, 422) else 1
+        self.body = body or {}
 
 
 class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
+    def __init__(self, path: str, timeout: float | None) -> None:
         super().__init__("localhost", timeout=timeout)
         self.path = path
 
@@ -43,7 +46,10 @@ class _UnixConnection(http.client.HTTPConnection):
 
 
 class AdminClient:
-    def __init__(self, socket_path: Path, timeout: float = 3600.0) -> None:
+    """One request per connection. `timeout` None waits for as long as the
+    daemon takes (a handoff warms every volume before it answers)."""
+
+    def __init__(self, socket_path: Path, timeout: float | None = 3600.0) -> None:
         self.socket_path = socket_path
         self.timeout = timeout
 
@@ -74,6 +80,7 @@ class AdminClient:
             doc = None
         if resp.status >= 400:
             if isinstance(doc, dict) and "error" in doc:
-                raise RemoteError(resp.status, str(doc["error"]), str(doc.get("message", "")))
+                raise RemoteError(resp.status, str(doc["error"]), str(doc.get("message", "")),
+                                  doc)
             raise RemoteError(resp.status, "http", f"HTTP {resp.status}: {raw[:200]!r}")
         return doc

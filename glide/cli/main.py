@@ -1,7 +1,8 @@
 """The `glidefs` command.
 
-Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error or a
-data directory already in use.
+Exit codes: 0 success, 1 runtime failure (also a handoff that did not
+complete), 2 usage or configuration error or a data directory already in use,
+3 no daemon running (commands that talk to one).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from glide import __version__
-from glide.cli import volume_cmd
+from glide.cli import handoff_cmd, volume_cmd
 from glide.config import (
     Config,
     ConfigError,
@@ -81,10 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also serve the admin API on TCP (needs --api-token-file)")
     s.add_argument("--api-token-file", type=Path,
                    help="file holding the bearer token the TCP admin listener requires")
+    s.add_argument("--pid-file", type=Path, metavar="PATH",
+                   help="write the daemon's pid here (systemd's PIDFile=; a handoff rewrites "
+                        "it with the new daemon's pid); config key pid_file")
 
     vol = sub.add_parser("volume", help="volume operations").add_subparsers(
         dest="volume_command", required=True)
     volume_cmd.add_parsers(sub, vol)
+    handoff_cmd.add_parser(sub)
     d = vol.add_parser("drain", help="flush everything a volume's cache holds to the store "
                        "(offline: the daemon must be stopped)")
     _common(d)
@@ -151,6 +156,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         cfg.api.token_file = args.api_token_file
     if args.log_format:
         cfg.log_format = args.log_format
+    if args.pid_file:
+        cfg.pid_file = args.pid_file.absolute()
     cfg.data_dir = cfg.data_dir.absolute()
     validate(cfg)
     return cfg

@@ -64,7 +64,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"glidefs {st['version']}, pid {st['pid']}, up {human_seconds(st['uptime_seconds'])}"
           f", {st['phase']}{'' if st['ready'] else ' (not ready: ' + st['detail'] + ')'}")
-    print(f"data dir {st['data_dir']}, store {st['store']}, handoff {st['handoff']['state']}")
+    from glide.cli.handoff_cmd import render_state  # it imports this module
+
+    print(f"data dir {st['data_dir']}, store {st['store']}")
+    print(render_state(st["handoff"]))
     print()
     _table(st["volumes"])
     return 0

@@ -115,11 +115,8 @@ def test_admin_socket_is_private_and_answers(daemon):
     code, doc = curl(admin(daemon), "GET", "/openapi.json")
     checked_in = json.loads((Path(__file__).parents[2] / "glide/api/openapi.json").read_text())
     assert code == 200 and doc == checked_in
-    # The handoff endpoints exist and say they are not built yet.
-    code, body = curl(admin(daemon), "POST", "/admin/handoff?dry_run=true")
-    assert code == 501 and body["error"] == "not_implemented"
-    code, body = curl(admin(daemon), "GET", "/v1/handoff")
-    assert code == 501
+    # No handoff since this daemon started.
+    assert curl(admin(daemon), "GET", "/v1/handoff") == (200, {"state": "none"})
 
 
 def test_tcp_listener_requires_the_token(daemon_factory, tmp_short):

@@ -78,6 +78,9 @@ def test_toml_file(tmp_path: Path) -> None:
         ("[store]\ncommit_deadline = true\n", "store.commit_deadline: expected a duration"),
         ("[store]\ncommit_deadline = inf\n", "store.commit_deadline: duration must be finite"),
         ("[store]\ncommit_deadline = nan\n", "store.commit_deadline: duration must be positive"),
+        ('pid_file = "run/glidefs.pid"\n', "must be an absolute path"),
+        ("pid_file = 1\n", "pid_file must be a path"),
+        ('pid_file = "/"\n', "is a directory"),
     ],
 )
 def test_bad_config_is_a_clear_error(tmp_path: Path, text: str, match: str) -> None:
@@ -188,3 +191,19 @@ def test_admin_socket_path_too_long(tmp_path: Path) -> None:
     cfg = Config(data_dir=tmp_path / ("x" * 100), nbd_unix="/tmp/short.sock")
     with pytest.raises(ConfigError, match="admin socket path"):
         validate(cfg)
+
+
+def test_pid_file(tmp_path: Path) -> None:
+    args = build_parser().parse_args(["serve", "--data-dir", str(tmp_path)])
+    assert config_from_args(args).pid_file is None
+    p = tmp_path / "c.toml"
+    p.write_text(f'pid_file = "{tmp_path}/run/glidefs.pid"\n')
+    assert load_file(p).pid_file == tmp_path / "run" / "glidefs.pid"
+    # The flag wins over the file, and a relative flag is taken from the cwd.
+    args = build_parser().parse_args(["serve", "--config", str(p), "--data-dir", str(tmp_path),
+                                      "--pid-file", "x.pid"])
+    assert config_from_args(args).pid_file == Path.cwd() / "x.pid"
+    # Offline commands validate the daemon's config while /run/glidefs is absent.
+    p.write_text('pid_file = "/nonexistent-run-dir/glidefs.pid"\n')
+    validate(load_file(p))
+
