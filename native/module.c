@@ -498,6 +498,15 @@ static PyObject *Volume_set_read_only(VolumeObject *self, PyObject *Py_UNUSED(ig
     Py_RETURN_NONE;
 }
 
+static PyObject *Volume_set_wal_budget(VolumeObject *self, PyObject *args) {
+    unsigned long long budget;
+    if (!PyArg_ParseTuple(args, "K", &budget) || check_open(self)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    volume_set_wal_budget(self->v, budget);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyObject *Volume_flush_cut(VolumeObject *self, PyObject *Py_UNUSED(ignored)) {
     if (check_open(self)) return NULL;
     uint64_t cut = 0;
@@ -738,6 +747,8 @@ static PyMethodDef Volume_methods[] = {
      "evict_to(max_cached_blocks) -> evicted: CLOCK sweep until at most that many blocks are cached"},
     {"set_read_only", (PyCFunction)Volume_set_read_only, METH_NOARGS,
      "From now on writes, TRIM and WRITE_ZEROES fail with EROFS (fencing)."},
+    {"set_wal_budget", (PyCFunction)Volume_set_wal_budget, METH_VARARGS,
+     "set_wal_budget(bytes): writers waiting for space re-check at once"},
     {"flush_cut", (PyCFunction)Volume_flush_cut, METH_NOARGS, "Seal the WAL for a flush; returns the cut seq"},
     {"dirty_upto", (PyCFunction)Volume_dirty_upto, METH_VARARGS,
      "dirty_upto(cut) -> [(lba, kind)]: blocks whose newest version <= cut"},

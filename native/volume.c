@@ -746,6 +746,13 @@ int volume_read_blocks_as_of(struct volume *v, uint64_t lba, uint64_t n, uint64_
     return read_blocks_wait(v, lba, n, buf, seq);
 }
 
+void volume_set_wal_budget(struct volume *v, uint64_t budget) {
+    pthread_mutex_lock(&v->wal.mu);
+    v->wal_budget = budget;
+    pthread_cond_broadcast(&v->space_cv);
+    pthread_mutex_unlock(&v->wal.mu);
+}
+
 void volume_set_read_only(struct volume *v) {
     pthread_mutex_lock(&v->wal.mu);
     atomic_store(&v->read_only, 1);

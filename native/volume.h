@@ -208,6 +208,10 @@ void volume_set_remote(struct volume *v, uint64_t lba, uint64_t n, int on);
 /* From now on every write, TRIM and WRITE_ZEROES fails with EROFS, including
  * those waiting on the WAL budget: nothing will ever free it (fencing). */
 void volume_set_read_only(struct volume *v);
+/* Changes the WAL budget; writers waiting for space re-check at once. A
+ * handoff raises it while syncing is paused (nothing frees space then), so
+ * a writer at the budget is not stuck mid-request when the freeze comes. */
+void volume_set_wal_budget(struct volume *v, uint64_t budget);
 /* Up to max blocks the fetcher should get; 0 when none are waiting. */
 size_t volume_take_misses(struct volume *v, uint64_t *out, size_t max);
 /* A fetched, verified block: stored unless a write overtook it; parked reads

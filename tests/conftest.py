@@ -8,6 +8,7 @@ teardown, whatever the test did.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -36,6 +37,28 @@ def require_tool(name: str) -> str:
     if path is None:
         pytest.fail(f"{name} is not installed; run the README test command, which installs it")
     return path
+
+
+def _is_glide(pid: int) -> bool:
+    try:
+        return b"glide" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+        except OSError:
+            return True
+        if state == "Z":  # a zombie of ours: reap it
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            return True
+        time.sleep(0.02)
+    return False
 
 
 class Daemon:
@@ -110,14 +133,56 @@ class Daemon:
             return f"nbd://127.0.0.1:{self.tcp_port}/{name}"
         return f"nbd+unix:///{name}?socket={self.unix_socket}"
 
+    def serving_pid(self) -> int | None:
+        """The pid holding the data directory now: after a handoff it is the
+        successor's, which is not our child (the lock file names it)."""
+        try:
+            pid = int((self.data_dir / "lock").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid if _is_glide(pid) else None
+
     def kill9(self) -> None:
+        # Every glidefs of this data dir: the one we started, a successor
+        # (reparented, so not our child), or one still warming.
+        for pid in self.glide_pids():
+            if self.proc is not None and pid == self.proc.pid:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            _wait_gone(pid, 30)
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=30)
 
+    @staticmethod
+    def wait_gone(pid: int, timeout: float = 30.0) -> bool:
+        return _wait_gone(pid, timeout)
+
+    def glide_pids(self) -> list[int]:
+        """Processes serving (or warming for) this data directory."""
+        want = f"--data-dir\0{self.data_dir}\0".encode()
+        pids = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"glide" in cmd and want in cmd + b"\0":
+                pids.append(int(entry))
+        return pids
+
     def stop(self, timeout: float = 60.0) -> int:
-        """SIGTERM and wait; returns the exit code."""
+        """SIGTERM and wait; returns the exit code (None-safe after a
+        handoff: the successor is not our child, so 0 once it is gone)."""
         assert self.proc is not None
+        pid = self.serving_pid()
+        if pid is not None and pid != self.proc.pid:
+            os.kill(pid, signal.SIGTERM)
+            assert _wait_gone(pid, timeout), f"successor {pid} did not stop"
+            return 0
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         rc = self.proc.wait(timeout=timeout)

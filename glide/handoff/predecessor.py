@@ -59,6 +59,11 @@ SOCKET_ENV = "GLIDE_HANDOFF_SOCKET"
 # upgraded package on disk is what starts. Tests point it at another build.
 EXEC_ENV = "GLIDE_HANDOFF_EXEC"
 
+# While syncs are paused nothing frees WAL space, so the budget is raised
+# for the handoff: a writer at the budget must not be stuck mid-request when
+# the freeze comes (the freeze would time out and the handoff abort).
+BUDGET_FACTOR = 2
+UNLIMITED = 1 << 62
 PAUSE_TIMEOUT = 60.0  # a root PUT on the wire: one store request at most
 CONNECT_TIMEOUT = 60.0  # the successor's interpreter start and imports
 WARM_TIMEOUT = 120.0  # silence while warming (the successor heartbeats)
@@ -95,6 +100,7 @@ class HandoffPredecessor:
         self.detached: dict[str, list[tuple[int, bool, int, int, bytes, bytes]]] = {}
         self.ublk_stopped: dict[str, int] = {}
         self.fetchers_stopped = False
+        self.budget_raised = False
 
     # ---- the whole run ----
 
@@ -131,6 +137,7 @@ class HandoffPredecessor:
         control = self.control
         self.journal.write_phase("pausing_sync", {"id": rec.d["id"]})
         rec.enter("pausing_sync")
+        self._set_budget(self.daemon.cfg.wal_budget * BUDGET_FACTOR)
         if control.scheduler is not None:
             self.stage = PAUSED
             await asyncio.to_thread(control.scheduler.pause, PAUSE_TIMEOUT)
@@ -171,6 +178,7 @@ class HandoffPredecessor:
             rec.enter("dry_run_abort")
             chan.send("ABORT", {"reason": "dry-run complete"})
             await asyncio.to_thread(self._reap, 10.0)
+            self._set_budget(self.daemon.cfg.wal_budget)
             if control.scheduler is not None:
                 control.scheduler.resume()
             self.stage = 0
@@ -191,7 +199,7 @@ class HandoffPredecessor:
 
         # ---- cutover ----
         rec.enter("cutover")
-        body["record"] = rec.snapshot()
+        body["record"] = rec.to_wire()
         self.journal.write_phase("cutover", {"id": rec.d["id"]})
         lock_fd = self.daemon.lock.fd
         try:
@@ -223,6 +231,11 @@ class HandoffPredecessor:
 
     # ---- steps (worker threads) ----
 
+    def _set_budget(self, budget: int) -> None:
+        self.budget_raised = budget != self.daemon.cfg.wal_budget
+        for e in self.control.served.values():
+            e.sv.vol.set_wal_budget(budget)
+
     def _accept(self, listener: Any) -> protocol.Channel:
         assert self.proc is not None
         deadline = time.monotonic() + CONNECT_TIMEOUT
@@ -247,6 +260,9 @@ class HandoffPredecessor:
     def _freeze(self) -> None:
         """Every export stops at a request boundary; the WAL is durable."""
         served = self.control.served
+        # A writer waiting for WAL space is in the middle of its request:
+        # let it finish (the freeze lasts milliseconds; the successor syncs).
+        self._set_budget(UNLIMITED)
         n = 0
         for name, e in served.items():
             conns = e.sv.vol.detach_nbd(DETACH_TIMEOUT_MS)
@@ -314,8 +330,10 @@ class HandoffPredecessor:
             await asyncio.to_thread(self._thaw)
         if self.stage >= FREEZING:
             self.daemon.resume_accepting()
-        if self.control.scheduler is not None and self.stage < CUT_OVER:
-            self.control.scheduler.resume()
+        if self.stage < CUT_OVER:
+            self._set_budget(self.daemon.cfg.wal_budget)  # a revive reopened at it
+            if self.control.scheduler is not None:
+                self.control.scheduler.resume()
         self.stage = 0
 
     def _reserve(self, keep_conns: bool) -> None:

@@ -28,12 +28,21 @@ class HandoffRecord:
         self._t0 = time.monotonic()
         self._phase_t0 = self._t0
 
+    def to_wire(self) -> dict[str, Any]:
+        """The record and its clocks, for the successor to continue."""
+        return {"record": self.snapshot(), "t0": self._t0, "phase_t0": self._phase_t0}
+
     @classmethod
-    def resume(cls, raw: dict[str, Any], started_monotonic: float) -> HandoffRecord:
+    def from_wire(cls, raw: object) -> HandoffRecord:
         """The successor's copy of the predecessor's record (CUTOVER)."""
-        rec = cls(bool(raw.get("dry_run")))
-        rec.d.update({k: raw[k] for k in rec.d if k in raw})
-        rec._t0 = started_monotonic
+        raw = raw if isinstance(raw, dict) else {}
+        d = raw.get("record") if isinstance(raw.get("record"), dict) else {}
+        rec = cls(bool(d.get("dry_run")))
+        rec.d.update({k: d[k] for k in rec.d if k in d})
+        now = time.monotonic()
+        for attr, key in (("_t0", "t0"), ("_phase_t0", "phase_t0")):
+            v = raw.get(key)
+            setattr(rec, attr, float(v) if isinstance(v, (int, float)) and v <= now else now)
         return rec
 
     @property

@@ -41,6 +41,7 @@ from glide.handoff.crash_points import (
     crash_point,
 )
 from glide.handoff.journal import PhaseJournal
+from glide.handoff.predecessor import BUDGET_FACTOR
 from glide.handoff.record import HandoffRecord
 from glide.handoff.stats import HandoffStats
 from glide.volume.served import ServedVolume, WarmVolume
@@ -195,8 +196,7 @@ class HandoffSuccessor:
     async def takeover(self) -> None:
         assert self.cutover is not None and self.chan is not None
         body, fds = self.cutover.body, self.cutover.fds
-        rec = HandoffRecord.resume(body.get("record") or {}, time.monotonic())
-        started = body.get("record", {}).get("started_unix")
+        rec = HandoffRecord.from_wire(body.get("record"))
         rec.enter("takeover")
         self.journal.write_phase("takeover")
         control = self.control
@@ -222,8 +222,6 @@ class HandoffSuccessor:
         control.listeners_up = True
         control.phase, control.detail = "serving", "serving"
         final = rec.finish("succeeded", serving_pid=os.getpid())
-        if isinstance(started, (int, float)):
-            final["started_unix"] = started
         control.handoff_record = final
         control.handoff_stats.record("succeeded", final["duration_seconds"],
                                      final["stall_seconds"])
@@ -237,7 +235,9 @@ class HandoffSuccessor:
     def _activate_all(self, vols: dict[str, Any]) -> None:
         control = self.control
         for name, w in self.warm.items():
-            sv = w.activate()
+            v = vols.get(name)
+            sv = w.activate(v.get("manifest_version") if isinstance(v, dict) else None,
+                            self.daemon.cfg.wal_budget * BUDGET_FACTOR)
             control.served[name] = Exported(w.vc, sv)
         self.warm.clear()
         for name in control.served:

@@ -159,6 +159,10 @@ class ServedVolume:
         self.fetcher = Fetcher(vol, manifest, store)
         self.fenced: str | None = None  # why this daemon may no longer write the volume
         self.needs_adopt = False  # blocks from before the volume had a store
+        # A handoff successor inherits a WAL that may be over the budget (the
+        # predecessor raised it while its syncs were paused); the budget is
+        # raised the same way until the first sync has freed the WAL.
+        self.budget_after_sync: int | None = None
         self.flush_lock = threading.Lock()  # one flush at a time (scheduler, drain, stop)
         self.evict_lock = threading.Lock()  # so that a pause can wait for a running eviction
         self.sync_paused = False  # pause_sync .. resume_sync: no sync, checkpoint or eviction
@@ -234,7 +238,7 @@ class ServedVolume:
         st = vol.stats()
         log.info("warmed volume=%s passively: replayed_records=%d ms=%.1f", vc.name,
                  st["replayed_records"], (time.monotonic() - t0) * 1000)
-        return WarmVolume(cfg, vc, vol, store, binding)
+        return WarmVolume(cfg, vc, vol, store, binding, manifest)
 
     @staticmethod
     def _open_native(cfg: Config, vc: VolumeConfig, vdir: Path) -> _native.Volume:
@@ -354,6 +358,9 @@ class ServedVolume:
             self.sync_stats.record(time.monotonic() - t0, ok=True,
                                    nbytes=0 if st is None else st.blocks * BLOCK_SIZE,
                                    committed=st is not None)
+            if self.budget_after_sync is not None:
+                self.vol.set_wal_budget(self.budget_after_sync)
+                self.budget_after_sync = None
             return st
 
     # ---- pausing for a handoff ----
@@ -428,15 +435,21 @@ class WarmVolume:
     trip is not part of the guests' stall."""
 
     def __init__(self, cfg: Config, vc: VolumeConfig, vol: _native.Volume,
-                 store: ObjectStore, binding: Binding) -> None:
+                 store: ObjectStore, binding: Binding, manifest: Manifest) -> None:
         self.cfg, self.vc, self.vol, self.store, self.binding = cfg, vc, vol, store, binding
+        self.manifest = manifest
 
     def catch_up(self) -> int:
         return self.vol.catch_up()[0]
 
-    def activate(self) -> ServedVolume:
+    def activate(self, version: int | None, raised_budget: int | None = None) -> ServedVolume:
+        """`version`: the manifest version the predecessor last committed.
+        The one read while warming is normally it (syncs were paused before
+        we started), so the store is not asked again inside the freeze."""
         self.vol.activate()
-        manifest = Manifest.open(self.store, self.vc.name)
+        manifest = self.manifest
+        if version != manifest.version:
+            manifest = Manifest.open(self.store, self.vc.name)
         if writer_cache_id(manifest.root.writer) != self.binding.cache_id:
             raise VolumeConflict(f"volume {self.vc.name}: the store's root changed hands "
                                  f"during the handoff (written by {manifest.root.writer})")
@@ -445,6 +458,9 @@ class WarmVolume:
                           None if cfg.cache_size is None else cached_block_budget(cfg.cache_size),
                           cfg.store.commit_deadline)
         sv.needs_adopt = len(self.vol.local_only_blocks()) > 0
+        if raised_budget is not None:
+            self.vol.set_wal_budget(raised_budget)
+            sv.budget_after_sync = cfg.wal_budget
         sv.fetcher.start()
         return sv
 
