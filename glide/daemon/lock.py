@@ -50,9 +50,13 @@ class DataDirLock:
         except OSError as e:
             os.close(fd)
             raise DataDirInUse(f"the handoff passed {self.path} without its lock") from e
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
+        self.claim()
+
+    def claim(self) -> None:
+        """Name this process as the holder (after a handoff, either side)."""
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
 
     def release(self) -> None:
         if self.fd >= 0:

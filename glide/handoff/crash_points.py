@@ -2,6 +2,7 @@
 
 Mirrors native/crash_point.c: when GLIDE_CRASH_POINT names the point reached,
 the process SIGKILLs itself there (no cleanup, no atexit), as a real crash would.
+GLIDE_CRASH_ONCE makes it fire once across processes (see crash_point).
 """
 
 from __future__ import annotations
@@ -20,5 +21,15 @@ P_AFTER_PREDS_DEAD = "handoff.p.after_preds_dead"
 
 def crash_point(name: str) -> None:
     # Read the variable on every call: tests set it per subprocess.
-    if os.environ.get("GLIDE_CRASH_POINT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("GLIDE_CRASH_POINT") != name:
+        return
+    # GLIDE_CRASH_ONCE=<path>: only the first process to reach the point
+    # crashes (it creates the file); successors inherit the environment, and
+    # a test that wants to hand off again afterwards needs them not to.
+    once = os.environ.get("GLIDE_CRASH_ONCE")
+    if once:
+        try:
+            os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            return
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -365,6 +365,7 @@ class HandoffPredecessor:
     def _revive(self) -> None:
         """The successor may have written: reopen every volume from disk."""
         control = self.control
+        self.daemon.lock.claim()  # the successor wrote its pid there
         control.stop_scheduler()
         old = dict(control.served)
         for e in old.values():
