@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
 import signal
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +25,8 @@ from typing import TYPE_CHECKING
 import crash_oracle as co
 import pytest
 from nbdclients import SYSTEM_PYTHON, TOOLS_DIR, qemu_io, system_env
+
+import glide
 
 if TYPE_CHECKING:
     from conftest import Daemon
@@ -217,3 +223,164 @@ def test_handoff_keeps_unlisted_tools_working(daemon: Daemon) -> None:
     handoff_by_sighup(daemon)
     qemu_io(daemon.uri(), "read -P 0x3c 1M 2M")
     qemu_io(daemon.uri(tcp=True), "read -P 0x3c 1M 2M")
+
+
+# --- the triggers: CLI, API, dry run, one at a time --------------------------------
+
+GLIDEFS = [sys.executable, "-m", "glide"]
+
+
+def cli(d: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*GLIDEFS, *args, "--data-dir", str(d.data_dir)],
+                          capture_output=True, text=True, timeout=180)
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_cli_dry_run_then_handoff_then_api(daemon: Daemon) -> None:
+    d = daemon
+    qemu_io(d.uri(), "write -P 0x61 0 1M")
+    first = d.pid
+    p = cli(d, "handoff", "--dry-run")
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    assert "warming" in p.stdout and "dry" in p.stdout.lower(), p.stdout
+    assert d.serving_pid() == first and d.alive()  # untouched
+    code, view = admin(d, "GET", "/v1/handoff")
+    assert code == 200 and view["result"] == "dry_run" and view["serving_pid"] == first, view
+
+    p = cli(d, "handoff")
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    new = wait_for_successor(d, first)
+    assert "succeeded" in p.stdout and str(new) in p.stdout, p.stdout
+    for phase in ("warming", "freezing", "cutover", "takeover"):
+        assert phase in p.stdout, p.stdout
+    qemu_io(d.uri(), "read -P 0x61 0 1M")
+
+    # The API, and a second request while one runs: 409.
+    results: dict[str, tuple[int, dict]] = {}
+
+    def post() -> None:
+        results["first"] = admin(d, "POST", "/admin/handoff")
+
+    t = threading.Thread(target=post)
+    t.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        code, view = admin(d, "GET", "/v1/handoff")
+        if view.get("state") == "running":
+            break
+        time.sleep(0.01)
+    code, body = admin(d, "POST", "/admin/handoff")
+    assert code == 409 and body["error"] == "handoff_in_progress", (code, body)
+    t.join(timeout=120)
+    code, rec = results["first"]
+    assert code == 200 and rec["result"] == "succeeded", rec
+    third = wait_for_successor(d, new)
+    assert rec["serving_pid"] == third and rec["stall_seconds"] is not None
+    qemu_io(d.uri(), "read -P 0x61 0 1M")
+    # Handoffs are counted across the processes that made them.
+    metrics = subprocess.run(
+        ["curl", "-sS", "--unix-socket", str(d.data_dir / "admin.sock"), "http://x/metrics"],
+        capture_output=True, text=True, timeout=30).stdout
+    assert 'glidefs_handoffs_total{result="succeeded"} 2.0' in metrics, metrics
+    assert 'glidefs_handoffs_total{result="dry_run"} 1.0' in metrics
+    assert d.stop() == 0
+
+
+def _other_build(tmp: Path, version: str, proto: tuple[int, int]) -> Path:
+    """A copy of this build's package, another version and protocol range."""
+    root = tmp / f"build-{version}"
+    shutil.copytree(Path(glide.__file__).parent, root / "glide",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    init = root / "glide" / "__init__.py"
+    init.write_text(init.read_text().replace(f'"{glide.__version__}"', f'"{version}"'))
+    proto_py = root / "glide" / "handoff" / "protocol.py"
+    text = proto_py.read_text()
+    text = text.replace("PROTOCOL_MIN: int = 1", f"PROTOCOL_MIN: int = {proto[0]}")
+    text = text.replace("PROTOCOL_MAX: int = 1", f"PROTOCOL_MAX: int = {proto[1]}")
+    proto_py.write_text(text)
+    return root
+
+
+# The editable install's import hook comes before sys.path, so PYTHONPATH
+# alone would still import this build: drop the hook, then run the copy.
+_LAUNCH = ("import runpy, sys; sys.meta_path[:] = [f for f in sys.meta_path "
+           "if 'editable' not in type(f).__module__.lower() and 'editable' not in repr(f)]; "
+           "sys.path.insert(0, sys.argv.pop(1)); sys.argv[0] = 'glidefs'; "
+           "runpy.run_module('glide', run_name='__main__', alter_sys=True)")
+
+
+def _exec_other(d: Daemon, root: Path) -> str:
+    cmd = d.command()
+    assert cmd[1:3] == ["-m", "glide"], cmd
+    return shlex.join([cmd[0], "-c", _LAUNCH, str(root), *cmd[3:]])
+
+
+def test_handoff_to_another_build_and_version_negotiation(daemon_factory: Callable[..., Daemon],
+                                                          tmp_short: Path) -> None:
+    compatible = _other_build(tmp_short, "9.9.0+test", (1, 2))
+    incompatible = _other_build(tmp_short, "9.9.1+test", (2, 3))
+    d = daemon_factory(start=False)
+    d.env = {"GLIDE_HANDOFF_EXEC": _exec_other(d, incompatible)}
+    d.start()
+    qemu_io(d.uri(), "write -P 0x77 0 256k")
+    first = d.pid
+    before = fd_count(first)
+    code, body = admin(d, "POST", "/admin/handoff")
+    assert code == 503 and body["error"] == "handoff_aborted", body
+    assert "no common protocol version" in body["message"], body
+    assert d.serving_pid() == first
+    qemu_io(d.uri(), "read -P 0x77 0 256k")
+    assert fd_count(first) == before, "the aborted handoff leaked descriptors"
+    d.stop()
+    d.env = {"GLIDE_HANDOFF_EXEC": _exec_other(d, compatible)}
+    d.start()
+    first = d.pid
+    code, rec = admin(d, "POST", "/admin/handoff")
+    assert code == 200 and rec["result"] == "succeeded", rec
+    wait_for_successor(d, first)
+    code, st = admin(d, "GET", "/v1/status")
+    assert st["version"] == "9.9.0+test", st["version"]
+    qemu_io(d.uri(), "read -P 0x77 0 256k")
+    assert d.stop() == 0
+
+
+FAKE = str(TOOLS_DIR / "fake_successor.py")
+
+
+@pytest.mark.parametrize("mode", ["exit", "garbage", "truncated", "out_of_order",
+                                  "unexpected_fds", "bad_version", "stall_after_hello",
+                                  "stall_after_ready"])
+def test_protocol_violations_abort_cleanly(mode: str, daemon_factory: Callable[..., Daemon],
+                                           tmp_short: Path) -> None:
+    d = daemon_factory(start=False)
+    d.env = {"GLIDE_HANDOFF_EXEC": shlex.join([sys.executable, FAKE, mode]),
+             "GLIDE_HANDOFF_TIMEOUT": "3"}
+    d.start()
+    qemu_io(d.uri(), "write -P 0x42 0 64k")
+    session = subprocess.Popen([SYSTEM_PYTHON, SESSION, d.uri()], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True, env=system_env())
+    assert session.stdout is not None and session.stdin is not None
+    assert session.stdout.readline().strip() == "connected"
+    first = d.pid
+    before = fd_count(first)
+    t0 = time.monotonic()
+    code, body = admin(d, "POST", "/admin/handoff")
+    took = time.monotonic() - t0
+    assert code == 503 and body["error"] == "handoff_aborted", (code, body)
+    assert body["handoff"]["result"] == "aborted" and body["handoff"]["error"], body
+    assert took < 30, took
+    assert d.serving_pid() == first and d.alive()
+    # The connection opened before the attempt still works, so does a new one.
+    session.stdin.write("round 1\n")
+    session.stdin.flush()
+    assert session.stdout.readline().strip() == "ok 1"
+    session.stdin.close()
+    assert session.wait(timeout=30) == 0
+    qemu_io(d.uri(), "read -P 0x42 0 64k")
+    # The session's socket is gone now; nothing the attempt opened may stay.
+    assert fd_count(first) < before, f"{mode}: descriptors leaked"
+    assert not [p for p in d.glide_pids() if p != first], "the fake successor was not reaped"
+    assert d.stop() == 0
