@@ -1,6 +1,8 @@
-"""Zero-downtime handoff between a running daemon and its successor.
+"""Zero-downtime handoff between a running daemon and its successor
+(handoff.md; ARCHITECTURE.md "Handoff").
 
-This package owns the handoff's durable phase journal (journal.py). The wire
-protocol and the predecessor/successor logic come later; nothing here is wired
-into the daemon yet.
+protocol.py is the wire; predecessor.py and successor.py are the two sides'
+steps; record.py the outcome an operator reads; stats.py the counters that
+outlive a process; journal.py each side's durable phase; crash_points.py
+the fault injection the tests drive.
 """
