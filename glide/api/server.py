@@ -106,6 +106,7 @@ class AdminListeners:
         self.sockets: list[socket.socket] = []
         self.servers: list[_EmbeddedServer] = []
         self.tasks: list[asyncio.Task] = []
+        self.paused: list[socket.socket] = []
 
     def bind(self) -> None:
         """Bind every listener (before serving, so errors stop the start)."""
@@ -126,6 +127,35 @@ class AdminListeners:
             sock = bind_unix(addr, 0o600) if unix else bind_tcp(addr, "api.listen")
         self.sockets.append(sock)
 
+    def pause_accepting(self) -> None:
+        """Stop accepting (a handoff's freeze: the successor serves what
+        queues from here); requests on connections already accepted are
+        answered. asyncio closes a server's socket, so a duplicate is kept
+        for resume_accepting (the handoff may abort)."""
+        self.paused = [s.dup() for s in self.sockets]
+        for server in self.servers:
+            for srv in server.servers:
+                srv.close()
+
+    async def _settle(self, timeout: float) -> None:
+        """uvicorn's shutdown closes a connection that has not sent its
+        request yet, and a close with the request unread is a reset for the
+        client. After a handoff the listener is already the successor's, so
+        give each connection we accepted the moment to be answered."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            if not any(getattr(c, "cycle", True) is None
+                       for server in self.servers for c in server.server_state.connections):
+                return
+            await asyncio.sleep(0.01)
+
+    def resume_accepting(self) -> None:
+        if not self.paused:
+            return
+        self.sockets, self.paused = self.paused, []
+        self.start()
+
     def start(self) -> None:
         for sock in self.sockets:
             tcp = sock.family != socket.AF_UNIX
@@ -144,11 +174,13 @@ class AdminListeners:
 
     async def stop(self, unlink: bool = True) -> None:
         """`unlink=False` after a handoff: the path belongs to the successor."""
+        if not unlink:
+            await self._settle(1.0)
         for server in self.servers:
             server.should_exit = True
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
-        for sock in self.sockets:
+        for sock in self.sockets + self.paused:
             sock.close()
         if unlink:
             with contextlib.suppress(FileNotFoundError):

@@ -70,7 +70,7 @@ class Daemon:
         self.stop_event: asyncio.Event | None = None
         # Pending handshakes, oldest first (dicts keep insertion order).
         self.handshakes: dict[asyncio.Task, None] = {}
-        self.accept_tasks: list[asyncio.Task] = []
+        self.accepting = False
         self.admin: AdminListeners | None = None
         self.notifier = SystemdNotifier()
         self.handoff: HandoffSuccessor | None = None  # how this process started
@@ -108,18 +108,24 @@ class Daemon:
                         "it is longer", st.commit_deadline, request)
         return store, store_identity(store)
 
-    async def _accept_loop(self, lsock: socket.socket, default: str) -> None:
-        loop = asyncio.get_running_loop()
+    def _on_acceptable(self, lsock: socket.socket, default: str) -> None:
+        """Accepts what is queued on a listener (a reader callback, not a
+        task): pausing is then one remove_reader, and no connection can be
+        accepted and lost in between, which cancelling a pending
+        sock_accept could do. A handoff relies on that."""
         assert self.control is not None
-        exports = self.control.exports
-        while True:
+        loop = asyncio.get_running_loop()
+        for _ in range(64):  # a burst, then let the loop breathe
             try:
-                conn, _ = await loop.sock_accept(lsock)
+                conn, _ = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE):
                     log.error("accept: out of file descriptors; pausing 100 ms")
-                    await asyncio.sleep(0.1)
-                    continue
+                    loop.remove_reader(lsock.fileno())
+                    loop.call_later(0.1, self._watch_listener, lsock, default)
+                    return
                 raise
             if conn.family != socket.AF_UNIX:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -131,11 +137,15 @@ class Daemon:
                 oldest = next(iter(self.handshakes))
                 del self.handshakes[oldest]
                 oldest.cancel()
-            task = asyncio.create_task(
-                negotiate_and_attach(conn, exports, default, self.cfg.handshake_timeout)
-            )
+            task = asyncio.create_task(negotiate_and_attach(
+                conn, self.control.exports, default, self.cfg.handshake_timeout))
             self.handshakes[task] = None
             task.add_done_callback(self._handshake_done)
+
+    def _watch_listener(self, lsock: socket.socket, default: str) -> None:
+        if self.accepting and lsock.fileno() >= 0:
+            asyncio.get_running_loop().add_reader(lsock.fileno(), self._on_acceptable, lsock,
+                                                  default)
 
     def _handshake_done(self, task: asyncio.Task) -> None:
         self.handshakes.pop(task, None)
@@ -290,17 +300,21 @@ class Daemon:
 
     def start_accepting(self) -> None:
         default = next(iter(self.control.exports), "") if self.control else ""
-        self.accept_tasks = [asyncio.create_task(self._accept_loop(s, default))
-                             for s in self.listen_socks]
+        self.accepting = True
+        for s in self.listen_socks:
+            self._watch_listener(s, default)
 
     async def pause_accepting(self, settle: float = 0.5) -> None:
         """Stop accepting (the sockets stay open: new clients wait in the
         backlog), give handshakes in progress `settle` seconds to finish,
         and drop the rest: only a stalled client is that slow."""
-        for t in self.accept_tasks:
-            t.cancel()
-        await asyncio.gather(*self.accept_tasks, return_exceptions=True)
-        self.accept_tasks = []
+        loop = asyncio.get_running_loop()
+        self.accepting = False
+        for s in self.listen_socks:
+            if s.fileno() >= 0:
+                loop.remove_reader(s.fileno())
+        if self.admin is not None and self.control is not None and self.control.handoff_running:
+            self.admin.pause_accepting()
         if self.handshakes:
             _, pending = await asyncio.wait(list(self.handshakes), timeout=settle)
             for t in pending:
@@ -308,8 +322,10 @@ class Daemon:
             await asyncio.gather(*pending, return_exceptions=True)
 
     def resume_accepting(self) -> None:
-        if not self.accept_tasks:
+        if not self.accepting:
             self.start_accepting()
+        if self.admin is not None:
+            self.admin.resume_accepting()
 
     def listener_fds(self) -> tuple[list[dict[str, str]], list[int]]:
         """What a successor inherits: every listening socket, named by what
