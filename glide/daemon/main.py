@@ -49,6 +49,7 @@ from glide.daemon.lock import DataDirLock
 from glide.daemon.sdnotify import SystemdNotifier
 from glide.errors import GlideError, StartupError
 from glide.export.nbd import negotiate_and_attach
+from glide.handoff.journal import PhaseJournal
 from glide.handoff.predecessor import SOCKET_ENV, HandoffPredecessor
 from glide.handoff.successor import HandoffSuccessor, listener_socket
 from glide.repo.manifest import Fenced
@@ -168,6 +169,7 @@ class Daemon:
         successor_of = os.environ.pop(SOCKET_ENV, None)
         if successor_of is None:
             self.lock.acquire()
+            self._report_interrupted_handoff()
         try:
             self.registry = VolumeRegistry.load(self.cfg.data_dir)
             self.control = Control(self.cfg, self.registry)
@@ -178,6 +180,24 @@ class Daemon:
         finally:
             self._close(self.control)
             self.lock.release()
+
+    def _report_interrupted_handoff(self) -> None:
+        """A cold start after a crash in the middle of a handoff: say which
+        phase each side had reached. Nothing needs undoing: the WAL holds
+        everything acknowledged, a QUIESCED ublk device is recovered like
+        after any crash, and the store's root is taken over as always."""
+        for role in ("predecessor", "successor"):
+            journal = PhaseJournal(self.cfg.data_dir, role)
+            try:
+                rec = journal.read()
+            except GlideError as e:
+                log.warning("handoff journal: %s; ignoring it", e)
+                rec = {"phase": "damaged"}
+            if rec is None or rec["phase"] in ("serving", "handed_over"):
+                continue
+            log.warning("a handoff was interrupted: the %s had reached phase %r; recovering "
+                        "from the WAL like after any crash", role, rec["phase"])
+            journal.write_phase("serving", {"recovered_from": rec["phase"]})
 
     def _signals(self) -> None:
         loop = asyncio.get_running_loop()

@@ -199,6 +199,7 @@ def test_crash_point_under_oracle(point: str, daemon_factory: Callable[..., Daem
         d.kill9()  # a successor may still be warming: it gives up on its own, or here
         d.env = {}
         d.start()
+        assert "a handoff was interrupted: the predecessor had reached phase" in d.stderr_text()
     image_path = tmp_short / "image"
     subprocess.run([SYSTEM_PYTHON, WRITER, "read", "--uri", d.uri(), "--out", str(image_path),
                     "--first", "0", "--blocks", str(VOL_BLOCKS), "--flush"], check=True,
