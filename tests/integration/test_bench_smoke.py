@@ -117,3 +117,25 @@ def test_metrics_bench_quick(tmp_short: Path) -> None:
         assert r["off"] and r["on"] and all(v > 0 for v in r["off"] + r["on"]), r
     assert doc["scrape"]["volumes"] == 5 and doc["scrape"]["bytes"] > 0
     assert "| test | IOPS, no scrape | IOPS, scraped | scraped/none |" in proc.stdout
+
+
+def test_handoff_bench_quick(tmp_short: Path) -> None:
+    """bench/handoff_bench.py --quick end to end: a handoff and a restart under
+    the reconnecting libnbd client at two backlogs (no timing is judged: only
+    that each mode was measured and the handoff cost the client no reconnect)."""
+    out = tmp_short / "handoff.json"
+    cmd = [sys.executable, str(REPO / "bench" / "handoff_bench.py"), "--quick",
+           "--dir", str(tmp_short / "work"), "--json", str(out)]
+    proc = _run_bench(cmd, tmp_short, timeout=300)
+    doc = json.loads(out.read_text())
+    assert list(doc["backlogs"]) == ["0", "16"], doc["backlogs"].keys()
+    for backlog, rounds in doc["backlogs"].items():
+        (r,) = rounds
+        assert r["dirty_bytes"] >= int(backlog) << 20, (backlog, r["dirty_bytes"])
+        ho, rs = r["handoff"], r["restart"]
+        assert ho["reconnects"] == 0 and ho["ios"] > 0 and ho["longest_io"] > 0, ho
+        assert 0 < ho["stall"] <= ho["total"], ho
+        assert rs["reconnects"] >= 1 and rs["total"] > 0 and rs["longest_io"] > 0, rs
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| backlog | dirty at start | longest I/O, handoff |"), table
+    assert [row.split("|")[1].strip() for row in table[1:]] == ["0 MiB", "16 MiB"], table
