@@ -174,8 +174,17 @@ class HandoffPredecessor:
         chan.send("HELLO_ACK", {"version": version, "dry_run": dry_run, "volumes": volumes,
                                 "listeners": names}, fds)
         crash_point(P_AFTER_HELLO_ACK)
-        ready = await asyncio.to_thread(chan.recv, WARM_TIMEOUT, {"READY"})
+        # While the successor warms, make the WAL durable: writes a client
+        # never FLUSHed would otherwise all be fdatasynced inside the freeze,
+        # and the stall would grow with them (0.44 s for 1 GiB measured).
+        presync = asyncio.ensure_future(asyncio.to_thread(self._sync_wals))
+        try:
+            ready = await asyncio.to_thread(chan.recv, WARM_TIMEOUT, {"READY"})
+        finally:
+            await asyncio.gather(presync, return_exceptions=True)
         self._check_abort(ready)
+        if not dry_run:
+            await asyncio.to_thread(self._sync_wals)  # what was written while warming
         log.info("handoff id=%s: successor (build %s, protocol %d) is warm", rec.d["id"],
                  hello.body.get("build"), version)
         if dry_run:
@@ -234,6 +243,10 @@ class HandoffPredecessor:
         return final
 
     # ---- steps (worker threads) ----
+
+    def _sync_wals(self) -> None:
+        for e in self.control.served.values():
+            e.sv.vol.flush()
 
     def _set_budget(self, budget: int) -> None:
         self.budget_raised = budget != self.daemon.cfg.wal_budget
