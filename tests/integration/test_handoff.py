@@ -90,8 +90,9 @@ def test_repeated_handoffs_under_fio_verify(daemon_factory: Callable[..., Daemon
         assert line == f"ok {k}", f"the session opened before the handoffs: {line!r}"
 
     # fio on its own connection (and a TCP one), verifying all it writes as
-    # it goes: any lost, torn or misdirected block fails it.
-    runtime = 12 + HANDOFFS * 2
+    # it goes: any lost, torn or misdirected block fails it. It runs until
+    # the handoffs are done (SIGINT: fio then stops, writes its report, and
+    # exits 128), however long they take on a loaded machine.
     jobs = []
     for i, uri in enumerate((d.uri(), d.uri(tcp=True))):
         out = tmp_short / f"fio{i}.json"
@@ -100,7 +101,7 @@ def test_repeated_handoffs_under_fio_verify(daemon_factory: Callable[..., Daemon
                 f"--offset={i * 96}m", "--size=64m", "--iodepth=16", "--verify=crc32c",
                 "--verify_backlog=512", "--verify_fatal=1", "--time_based",
                 "--rate_iops=4000",  # steady, not saturating: the backlog bench is separate
-                f"--runtime={runtime}", f"--randseed={i + 1}"]
+                "--runtime=3600", f"--randseed={i + 1}"]
         jobs.append((subprocess.Popen(args, cwd=tmp_short, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.PIPE, text=True), out))
     records = []
@@ -112,16 +113,20 @@ def test_repeated_handoffs_under_fio_verify(daemon_factory: Callable[..., Daemon
             session_round(k)
             ended = [(p.returncode, p.stderr.read() if p.stderr else "", out.read_text()[-3000:])
                      for p, out in jobs if p.poll() is not None]
-            assert not ended, f"fio ended after handoff {k}: {ended}"
+            assert not ended, f"fio failed after handoff {k}: {ended}"
             time.sleep(0.2)
+        time.sleep(1)  # verified I/O after the last one too
     finally:
         for p, _ in jobs:
-            p.wait(timeout=runtime + 120)
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+            p.wait(timeout=120)
     for p, out in jobs:
         text = out.read_text()
         job = json.loads(text[text.find("{"):])["jobs"][0]
-        assert p.returncode == 0 and job["error"] == 0, (p.returncode, job["error"], p.stderr)
-        assert job["write"]["io_bytes"] > 0, job["write"]
+        assert p.returncode in (0, 128) and job["error"] == 0, (p.returncode, job["error"],
+                                                                  p.stderr)
+        assert job["write"]["io_bytes"] > 0 and job["read"]["io_bytes"] > 0, job["write"]
     session.stdin.close()
     assert session.wait(timeout=30) == 0
     stalls = sorted(r["stall_seconds"] for r in records)
