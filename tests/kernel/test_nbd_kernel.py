@@ -12,6 +12,9 @@ One boot runs the whole story, because boots are expensive under TCG:
    umount, drop caches, `fsck.ext4 -n -f` clean, remount, checksums match.
 4. Clean restart: disconnect, SIGTERM (exit 0), start a new daemon over the same data
    directory, attach over the Unix socket this time, fsck clean and checksums match again.
+5. Three handoffs (`glidefs handoff`, a new pid each time) while a writer puts fsynced
+   files into the mounted ext4: the kernel's connection is carried across, no I/O error
+   reaches the writer or dmesg, fsck is clean and every file reads back as written.
 """
 
 from __future__ import annotations
@@ -129,6 +132,21 @@ step "attach over the Unix socket, fsck, verify"
 nbd-client -unix "$D/nbd.sock" /dev/nbd0 -N vol0 -b 4096
 expect_eq "device size after restart" "$(blockdev --getsize64 /dev/nbd0)" "$VOLUME_BYTES"
 check_fs "after daemon restart"
+
+step "three handoffs while fsynced files go into ext4 on /dev/nbd0"
+python tests/kernel/ext4_writer.py "$MNT" /tmp/stop /tmp/wsums > /tmp/writer.log 2>&1 &
+WRITER=$!
+sleep 2
+for k in 1 2 3; do
+    handoff_glidefs
+    kill -0 "$WRITER" 2>/dev/null || { cat /tmp/writer.log; fail "writer died"; }
+done
+touch /tmp/stop
+wait "$WRITER" || { cat /tmp/writer.log; fail "the writer saw an error"; }
+cat /tmp/writer.log
+umount "$MNT"
+cat /tmp/wsums >> "$SUMS"  # the 203 files from before stay checked too
+check_fs "after three handoffs"
 umount "$MNT"
 nbd-client -d /dev/nbd0
 stop_glidefs
@@ -146,5 +164,6 @@ step "done"
 
 
 def test_kernel_nbd_client_fio_ext4_and_restart(run_vm) -> None:
-    result = run_vm(NBD_SCRIPT, timeout=300)
+    result = run_vm(NBD_SCRIPT, timeout=540)
     assert "ok: 203 checksums match (after daemon restart)" in result.output
+    assert "checksums match (after three handoffs)" in result.output

@@ -2,10 +2,13 @@
 
 Each test is one VM boot running one script (guest.sh helpers). The oracles are
 fio's crc32c verify, ext4's fsck and sha256 of files, and re-reads after the
-daemon was killed: no I/O error may reach the application, no block may change.
+daemon was killed or handed off to a successor: no I/O error may reach the
+application, no block may change.
 """
 
 from __future__ import annotations
+
+import pytest
 
 SERVE = "--nbd-tcp none --volume vol0:512M --ublk vol0:0"
 
@@ -160,4 +163,107 @@ stop_glidefs
 echo ALL-OK
 """,
         timeout=300,
+    )
+
+
+HANDOFF_SERVE = "--nbd-tcp none --volume vol0:512M --ublk vol0:0 --volume vol1:256M --ublk vol1:1"
+
+
+# Each successor starts Python under TCG: 20-35 s a handoff, ~4 min for the run.
+@pytest.mark.timeout(700)
+def test_ublk_handoffs_under_ext4_and_fio_verify(run_vm) -> None:
+    """Five handoffs in a row while ext4 on /dev/ublkb0 takes fsynced files and fio
+    verifies a raw /dev/ublkb1: each successor re-attaches both devices through
+    USER_RECOVERY. Then a dry run (nothing changes), and a handoff whose successor is
+    SIGKILLed after PREDS_DEAD: the predecessor revives and re-attaches the devices
+    itself. The oracles: fio verify, the writer's own sha256 of every file, fsck, and
+    no I/O error in the kernel's log."""
+    run_vm(
+        f"""
+source tests/kernel/guest.sh
+# The crash point is disarmed while its once-file exists (crash_points.py).
+touch /tmp/once
+export GLIDE_CRASH_POINT=handoff.s.after_preds_dead GLIDE_CRASH_ONCE=/tmp/once
+start_glidefs /tmp/gd {HANDOFF_SERVE}
+unset GLIDE_CRASH_POINT GLIDE_CRASH_ONCE
+[ -b /dev/ublkb0 ] && [ -b /dev/ublkb1 ] || fail "no /dev/ublkb0 and /dev/ublkb1"
+mkfs.ext4 -q -F /dev/ublkb0
+mkdir -p /mnt/v && mount /dev/ublkb0 /mnt/v
+
+# Rate-limited: the guest's data directory and store are in its RAM (tmpfs).
+step "load: fsynced files on ext4 (ublkb0), fio verify runs back to back on ublkb1"
+python tests/kernel/ext4_writer.py /mnt/v /tmp/stop /tmp/sums > /tmp/writer.log 2>&1 &
+WRITER=$!
+(
+    n=0
+    while [ ! -e /tmp/stop ]; do
+        n=$((n + 1))
+        fio --name=h$n --filename=/dev/ublkb1 --ioengine=io_uring --direct=1 \
+            --rw=randwrite --bs=4k --iodepth=16 --size=4M --offset=$(( (n % 8) * 32 ))M \
+            --rate_iops=48 --fsync=32 --verify=crc32c --do_verify=1 --verify_fatal=1 \
+            > /tmp/fio-$n.log 2>&1 || echo "$n" >> /tmp/fio-failed
+    done
+    echo "$n" > /tmp/fio-runs
+) &
+FIOLOOP=$!
+sleep 3
+
+for k in 1 2 3 4 5; do
+    handoff_glidefs
+    kill -0 "$WRITER" 2>/dev/null || {{ cat /tmp/writer.log; fail "ext4 writer died"; }}
+    [ ! -e /tmp/fio-failed ] || fail "fio run(s) $(cat /tmp/fio-failed) failed"
+done
+curl -sS --unix-socket /tmp/gd/admin.sock http://x/v1/handoff > /tmp/last.json
+grep -q '"result":"succeeded"' /tmp/last.json || {{ cat /tmp/last.json; fail "last record"; }}
+expect_eq "recoveries by successors" \
+    "$(grep -c 'recovered (re-attached' /tmp/gd/daemon.log)" 10
+
+step "dry run: a successor warms and stops, the daemon keeps serving"
+handoff_glidefs --dry-run
+
+step "a successor SIGKILLed after PREDS_DEAD: the predecessor revives the devices"
+rm /tmp/once
+pid=$GLIDEFS_PID
+rc=0
+glidefs handoff --data-dir /tmp/gd > /tmp/crash.out 2>&1 || rc=$?
+cat /tmp/crash.out
+expect_eq "glidefs handoff exit status (aborted)" "$rc" 1
+[ -e /tmp/once ] || fail "the crash point was never reached"
+expect_eq "serving pid after the revival" "$(cat /tmp/gd/lock)" "$pid"
+alive "$pid" || fail "the predecessor died"
+curl -sS --unix-socket /tmp/gd/admin.sock http://x/v1/handoff > /tmp/last.json
+grep -Eq '"result":"(revived|aborted)"' /tmp/last.json || {{ cat /tmp/last.json; fail "record"; }}
+expect_eq "recoveries (the revival re-attached both devices)" \
+    "$(grep -c 'recovered (re-attached' /tmp/gd/daemon.log)" 12
+sleep 3
+kill -0 "$WRITER" 2>/dev/null || {{ cat /tmp/writer.log; fail "ext4 writer died"; }}
+[ ! -e /tmp/fio-failed ] || fail "fio run(s) $(cat /tmp/fio-failed) failed"
+step "and the revived daemon hands off again"
+handoff_glidefs
+
+step "stop the load; fio, the writer's checksums, fsck"
+touch /tmp/stop
+wait "$FIOLOOP"
+wait "$WRITER" || {{ cat /tmp/writer.log; fail "ext4 writer failed"; }}
+cat /tmp/writer.log
+[ ! -e /tmp/fio-failed ] || {{ cat /tmp/fio-$(head -n1 /tmp/fio-failed).log; fail "fio failed"; }}
+echo "ok: $(cat /tmp/fio-runs) fio verify runs, none failed"
+grep -h "err=" /tmp/fio-*.log | grep -v "err= 0" && fail "fio reported errors"
+umount /mnt/v
+fsck.ext4 -n -f /dev/ublkb0 > /tmp/fsck.log 2>&1 || {{ cat /tmp/fsck.log; fail "fsck"; }}
+echo "ok: fsck.ext4 -n -f clean"
+echo 3 > /proc/sys/vm/drop_caches
+mount /dev/ublkb0 /mnt/v
+( cd /mnt/v && sha256sum -c --quiet /tmp/sums ) || fail "files differ from what was written"
+echo "ok: $(wc -l < /tmp/sums) files match the writer's sha256"
+umount /mnt/v
+if dmesg | tail -n "+$((GUEST_DMESG_LINES + 1))" \\
+        | grep -E "I/O error|blk_update_request|Buffer I/O error|EXT4-fs error"; then
+    fail "the kernel reported I/O errors"
+fi
+echo "ok: no I/O error in dmesg"
+stop_glidefs
+echo ALL-OK
+""",
+        timeout=600,
     )
