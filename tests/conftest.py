@@ -116,7 +116,11 @@ class Daemon:
             self.output.append(line)
             if line.startswith(READY_LINE):
                 return
-        self.kill9()
+        # Only the process this start made: another daemon may legitimately
+        # hold the data directory (the test of a refused second daemon).
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
         raise AssertionError(
             f"daemon did not become ready; stdout={''.join(self.output)!r}\n"
             f"stderr={self.log_path.read_text()[-4000:]}"
