@@ -74,7 +74,6 @@ class Daemon:
         self.accepting = False
         self.admin: AdminListeners | None = None
         self.notifier = SystemdNotifier()
-        self.handoff: HandoffSuccessor | None = None  # how this process started
         self.handoff_task: asyncio.Task | None = None  # a handoff this daemon runs
         self.successor_pid: int | None = None  # set once handed off: exit quietly
 
@@ -206,11 +205,14 @@ class Daemon:
             loop.add_signal_handler(sig, self._request_stop, sig)
         loop.add_signal_handler(signal.SIGHUP, self._sighup)
 
+    def _admin_listeners(self, control: Control) -> AdminListeners:
+        return AdminListeners(self.cfg, build_app(control, Metrics(control).scrape))
+
     async def _main(self, control: Control) -> int:
         self._signals()
         # The admin API comes up first, so status and readiness can be asked
         # while the volumes open (a cold open of a large volume takes time).
-        self.admin = AdminListeners(self.cfg, build_app(control, Metrics(control).scrape))
+        self.admin = self._admin_listeners(control)
         self.admin.bind()
         self.admin.start()
         try:
@@ -231,11 +233,10 @@ class Daemon:
             return 1
         if not go:
             return 0 if succ.dry_run else 1
-        self.admin = AdminListeners(self.cfg, build_app(control, Metrics(control).scrape))
+        self.admin = self._admin_listeners(control)
         try:
             await succ.takeover()
             self.admin.start()
-            self.handoff = succ
             became_main = asyncio.create_task(self._became_main(succ))
             code = await self._serve_until_stop(control)
             became_main.cancel()
@@ -275,7 +276,6 @@ class Daemon:
         self.start_accepting()
         control.start_scheduler()
         control.listeners_up = True
-        control.handoff_runner = self._handoff
         if control.phase == "starting":
             control.phase, control.detail = "serving", "serving"
             self._write_pid_file(os.getpid())
@@ -290,7 +290,7 @@ class Daemon:
             log.info("stop requested during a handoff; stopping once it has ended")
             await asyncio.gather(self.handoff_task, return_exceptions=True)
         if self.successor_pid is not None:
-            return self._exit_handed_off(control)
+            return self._exit_handed_off()
         log.info("shutting down")
         control.begin_stop()
         self.notifier.send(STOPPING=1, STATUS="stopping: draining connections")
@@ -308,7 +308,7 @@ class Daemon:
                      len(control.served))
         return 0
 
-    def _exit_handed_off(self, control: Control) -> int:
+    def _exit_handed_off(self) -> int:
         """The successor serves: leave every socket path, device and file to
         it; only our own descriptors close."""
         for s in self.listen_socks:

@@ -104,7 +104,6 @@ class HandoffPredecessor:
         self.detached: dict[str, list[tuple[int, bool, int, int, bytes, bytes]]] = {}
         self.ublk_stopped: dict[str, int] = {}
         self.fetchers_stopped = False
-        self.budget_raised = False
 
     # ---- the whole run ----
 
@@ -249,7 +248,6 @@ class HandoffPredecessor:
             e.sv.vol.flush()
 
     def _set_budget(self, budget: int) -> None:
-        self.budget_raised = budget != self.daemon.cfg.wal_budget
         for e in self.control.served.values():
             e.sv.vol.set_wal_budget(budget)
 
@@ -295,8 +293,7 @@ class HandoffPredecessor:
         self.fetchers_stopped = True
         for e in served.values():
             e.sv.fetcher.stop()
-        for e in served.values():
-            e.sv.vol.flush()
+        self._sync_wals()
 
     def _cutover_body(self) -> tuple[dict[str, Any], list[int], int]:
         """The per-volume state, the connections' fds, and one memfd holding
@@ -353,7 +350,7 @@ class HandoffPredecessor:
                 self.control.scheduler.resume()
         self.stage = 0
 
-    def _reserve(self, keep_conns: bool) -> None:
+    def _serve_detached(self, keep_conns: bool) -> None:
         for name, conns in self.detached.items():
             e = self.control.served.get(name)
             for fd, structured, meta_id, size, inb, outb in conns:
@@ -376,7 +373,7 @@ class HandoffPredecessor:
         if self.fetchers_stopped:
             for e in control.served.values():
                 e.sv.restart_fetcher()
-        self._reserve(keep_conns=True)
+        self._serve_detached(keep_conns=True)
         log.info("handoff: thawed; every export serves again")
 
     def _revive(self) -> None:
@@ -396,7 +393,7 @@ class HandoffPredecessor:
         if resumed and any(self.detached.values()):
             log.error("handoff: the successor died after resuming NBD connections; they are "
                       "closed (their clients reconnect)")
-        self._reserve(keep_conns=not resumed)
+        self._serve_detached(keep_conns=not resumed)
         control.start_scheduler()
         log.info("handoff: revived; every volume reopened and serving")
 

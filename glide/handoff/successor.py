@@ -239,7 +239,6 @@ class HandoffSuccessor:
             sv = w.activate(v.get("manifest_version") if isinstance(v, dict) else None,
                             self.daemon.cfg.wal_budget * BUDGET_FACTOR)
             control.served[name] = Exported(w.vc, sv)
-        self.warm.clear()
         for name in control.served:
             control.exports[name] = control._export(name, control.served[name].vc.size)
         missing = set(vols) - set(control.served)
@@ -269,8 +268,9 @@ class HandoffSuccessor:
 
     def _adopt_manifests(self) -> None:
         control = self.control
-        for e in control.served.values():
-            WarmVolume.adopt(e.sv, e.vc)
+        for w in self.warm.values():
+            w.adopt()
+        self.warm.clear()  # the volumes are control.served's now
         for vc in self.extra:
             control.served[vc.name] = control._open_volume(vc)
             control.exports[vc.name] = control._export(vc.name, vc.size)

@@ -144,6 +144,21 @@ def _check_not_smaller(vc: VolumeConfig, manifest: Manifest) -> None:
             f"{manifest.root.size} or more")
 
 
+def _own(manifest: Manifest, vc: VolumeConfig, writer: str) -> None:
+    """Take the manifest over (fences any other writer), then finish a
+    configured grow."""
+    manifest.take_ownership(writer)
+    _check_not_smaller(vc, manifest)  # another daemon may have grown it meanwhile
+    if manifest.root.size < vc.size:
+        # A larger configured size grows the volume (the native volume
+        # already opened at that size). Also how a grow that crashed
+        # between the registry and the store is finished.
+        old = manifest.root.size
+        manifest.grow(vc.size)
+        log.info("volume=%s: grew from %d to %d bytes (v%d)", vc.name, old, vc.size,
+                 manifest.version)
+
+
 class ServedVolume:
     """A volume open for serving: native volume + manifest + flusher + fetcher."""
 
@@ -153,6 +168,7 @@ class ServedVolume:
         self.name = name
         self.vol = vol
         self.manifest = manifest
+        self.served: ServedVolume  # set by activate
         self.store = store
         self.cache_blocks = cache_blocks
         self.flusher = Flusher(vol, manifest, store, commit_deadline=commit_deadline)
@@ -292,16 +308,7 @@ class ServedVolume:
                             "discarding it and reading from the store", vc.name,
                             manifest.version, manifest.root.writer)
             cold = cls._reset_cache(cfg, vc, vol, vdir)
-        manifest.take_ownership(writer)
-        _check_not_smaller(vc, manifest)  # another daemon may have grown it meanwhile
-        if manifest.root.size < vc.size:
-            # A larger configured size grows the volume (the native volume
-            # already opened at that size). Also how a grow that crashed
-            # between the registry and the store is finished.
-            old = manifest.root.size
-            manifest.grow(vc.size)
-            log.info("volume=%s: grew from %d to %d bytes (v%d)", vc.name, old, vc.size,
-                     manifest.version)
+        _own(manifest, vc, writer)
         if cold is not None:
             remote = 0
             for first, count in manifest.present_leaves():
@@ -410,11 +417,6 @@ class ServedVolume:
     def dirty_blocks(self) -> int:
         return self.vol.stats()["dirty_blocks"]
 
-    def manifest_cache_id(self) -> str:
-        cid = writer_cache_id(self.manifest.root.writer)
-        assert cid is not None
-        return cid
-
     def restart_fetcher(self) -> None:
         """A handoff that aborted after its freeze stopped the fetcher."""
         self.fetcher.stop()
@@ -429,15 +431,16 @@ class ServedVolume:
 class WarmVolume:
     """A volume a handoff successor opened passively: it follows the running
     daemon's WAL (`catch_up`) until the cutover, then `activate` makes it an
-    ordinary served volume. Activation reads the store's root again (the
-    predecessor may have committed during the warm-up) but does not write
-    it: `adopt` takes ownership once I/O runs again, so the store's round
-    trip is not part of the guests' stall."""
+    ordinary served volume. Activation reads the store's root again only if
+    the predecessor committed since the warm-up read it, and writes nothing
+    there: `adopt` takes ownership once I/O runs again, so the store's
+    round trip is not part of the guests' stall."""
 
     def __init__(self, cfg: Config, vc: VolumeConfig, vol: _native.Volume,
                  store: ObjectStore, binding: Binding, manifest: Manifest) -> None:
         self.cfg, self.vc, self.vol, self.store, self.binding = cfg, vc, vol, store, binding
         self.manifest = manifest
+        self.served: ServedVolume  # set by activate
 
     def catch_up(self) -> int:
         return self.vol.catch_up()[0]
@@ -462,16 +465,12 @@ class WarmVolume:
             self.vol.set_wal_budget(raised_budget)
             sv.budget_after_sync = cfg.wal_budget
         sv.fetcher.start()
+        self.served = sv
         return sv
 
-    @staticmethod
-    def adopt(sv: ServedVolume, vc: VolumeConfig) -> None:
-        """Own the manifest (fences any other writer) and finish a configured
-        grow; before the first sync of this volume."""
-        sv.manifest.take_ownership(writer_id(sv.manifest_cache_id()))
-        if sv.manifest.root.size < vc.size:
-            sv.manifest.grow(vc.size)
-            log.info("volume=%s: grew to %d bytes (v%d)", vc.name, vc.size, sv.manifest.version)
+    def adopt(self) -> None:
+        """Own the activated volume's manifest; before its first sync."""
+        _own(self.served.manifest, self.vc, writer_id(self.binding.cache_id))
 
     def close(self) -> None:
         self.vol.close()

@@ -30,10 +30,6 @@ from glide.volume.flusher import Flusher, SyncCancelled, SyncPaused
 from glide.volume.scheduler import FlushScheduler
 from glide.volume.served import ServedVolume, store_identity
 
-pytestmark = pytest.mark.skipif(
-    not hasattr(_native.Volume, "cancel_write_back"),
-    reason="this build of glide._native has no Volume.cancel_write_back yet")
-
 BS = 4096
 MiB = 1 << 20
 
