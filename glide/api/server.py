@@ -127,12 +127,23 @@ class AdminListeners:
             sock = bind_unix(addr, 0o600) if unix else bind_tcp(addr, "api.listen")
         self.sockets.append(sock)
 
-    def pause_accepting(self) -> None:
+    async def pause_accepting(self) -> None:
         """Stop accepting (a handoff's freeze: the successor serves what
         queues from here); requests on connections already accepted are
         answered. asyncio closes a server's socket, so a duplicate is kept
-        for resume_accepting (the handoff may abort)."""
+        for resume_accepting (the handoff may abort).
+
+        asyncio accepts in one callback and attaches the connection to its
+        server in a task that runs later; a server closed in between fails
+        that attach and drops the accepted socket, which its client, request
+        already sent, sees as a reset. So the accepting stops first, the
+        attach tasks already queued run, and only then do the servers close."""
+        loop = asyncio.get_running_loop()
         self.paused = [s.dup() for s in self.sockets]
+        for sock in self.sockets:
+            loop.remove_reader(sock.fileno())
+        for _ in range(3):  # accept -> attach task -> connection_made
+            await asyncio.sleep(0)
         for server in self.servers:
             for srv in server.servers:
                 srv.close()
@@ -175,7 +186,7 @@ class AdminListeners:
     async def stop(self, unlink: bool = True) -> None:
         """`unlink=False` after a handoff: the path belongs to the successor."""
         if not unlink:
-            await self._settle(1.0)
+            await self._settle(2.0)
         for server in self.servers:
             server.should_exit = True
         if self.tasks:

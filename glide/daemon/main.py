@@ -334,7 +334,7 @@ class Daemon:
             if s.fileno() >= 0:
                 loop.remove_reader(s.fileno())
         if self.admin is not None and self.control is not None and self.control.handoff_running:
-            self.admin.pause_accepting()
+            await self.admin.pause_accepting()
         if self.handshakes:
             _, pending = await asyncio.wait(list(self.handshakes), timeout=settle)
             for t in pending:
