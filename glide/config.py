@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from glide.block import BLOCK_SIZE
-from glide.errors import ConfigError
+from glide.errors import ConfigError, InvalidRequest
 from glide.repo.deadline import DEFAULT_COMMIT_DEADLINE
 
 DEFAULT_TCP = "127.0.0.1:10809"
@@ -24,6 +24,14 @@ VOLUME_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(i?B)?\s*$", re.IGNORECASE)
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+
+
+def check_name(name: object) -> str:
+    """A volume name from a request (422 if it is not one)."""
+    if not isinstance(name, str) or not VOLUME_NAME_RE.match(name):
+        raise InvalidRequest(f"volume name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+                             "starting with a letter or digit")
+    return name
 
 
 def parse_size(value: str | int, what: str) -> int:
@@ -70,6 +78,8 @@ class VolumeConfig:
     ublk: bool = False  # also export as /dev/ublkbN
     ublk_id: int | None = None  # None: the id the kernel gave last time (kept in the volume dir)
     implicit: bool = False  # the embedded default, served only when nothing names a volume
+    snapshot_every: float | None = None  # scheduled snapshots: this often (config only)
+    snapshot_prefix: str = "auto-"  # their names: prefix + UTC time
 
 
 @dataclass
@@ -128,6 +138,16 @@ class ApiConfig:
 
 
 @dataclass
+class SnapshotConfig:
+    """App-consistent snapshots: each hook's timeout, and how long the pre
+    hooks together may hold the application frozen before the snapshot is
+    abandoned and the application thawed."""
+
+    hook_timeout: float = 30.0
+    max_quiesce: float = 10.0
+
+
+@dataclass
 class Config:
     data_dir: Path = field(default_factory=default_data_dir)
     nbd_unix: str | None = None  # None: <data_dir>/nbd.sock
@@ -144,6 +164,7 @@ class Config:
     max_handshakes: int = 1024
     config_path: Path | None = None
     api: ApiConfig = field(default_factory=ApiConfig)
+    snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
     log_format: str = "text"  # text (logfmt) or json
     # Where the daemon keeps its pid for a service manager (systemd's
     # PIDFile=); a handoff's predecessor rewrites it with the successor's pid
@@ -179,7 +200,8 @@ def load_file(path: Path) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path}: {e}") from e
     cfg = Config(config_path=path)
-    known = {"data_dir", "pid_file", "nbd", "cache", "volume", "ublk", "store", "api", "log"}
+    known = {"data_dir", "pid_file", "nbd", "cache", "volume", "ublk", "store", "api", "log",
+             "snapshot"}
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"config file {path}: unknown keys {sorted(unknown)}")
@@ -215,6 +237,14 @@ def load_file(path: Path) -> Config:
         raise ConfigError(f"config file {path}: unknown keys in [api]: {sorted(unknown)}")
     cfg.api.listen = api.get("listen") or None
     cfg.api.token_file = Path(api["token_file"]) if api.get("token_file") else None
+    snap = raw.get("snapshot", {})
+    unknown = set(snap) - {"hook_timeout", "max_quiesce"}
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown keys in [snapshot]: {sorted(unknown)}")
+    if "hook_timeout" in snap:
+        cfg.snapshot.hook_timeout = parse_duration(snap["hook_timeout"], "snapshot.hook_timeout")
+    if "max_quiesce" in snap:
+        cfg.snapshot.max_quiesce = parse_duration(snap["max_quiesce"], "snapshot.max_quiesce")
     log_section = raw.get("log", {})
     unknown = set(log_section) - {"format"}
     if unknown:
@@ -233,9 +263,21 @@ def load_file(path: Path) -> Config:
         ublk_id = vol.get("ublk_id")
         if ublk_id is not None and (not isinstance(ublk_id, int) or not 0 <= ublk_id < 1 << 20):
             raise ConfigError(f"volume {vol['name']}: ublk_id must be a small non-negative integer")
-        cfg.volumes.append(
-            VolumeConfig(vol["name"], size, bool(vol.get("ublk", False)), ublk_id)
-        )
+        every = vol.get("snapshot_every")
+        prefix = vol.get("snapshot_prefix", "auto-")
+        if not isinstance(prefix, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}",
+                                                           prefix):
+            raise ConfigError(f"volume {vol['name']}: snapshot_prefix must be 1-32 letters, "
+                              "digits, '.', '_' or '-', starting with a letter or digit")
+        unknown = set(vol) - {"name", "size", "ublk", "ublk_id", "snapshot_every",
+                              "snapshot_prefix"}
+        if unknown:
+            raise ConfigError(f"volume {vol['name']}: unknown keys {sorted(unknown)}")
+        cfg.volumes.append(VolumeConfig(
+            vol["name"], size, bool(vol.get("ublk", False)), ublk_id,
+            snapshot_every=None if every is None else parse_duration(
+                every, f"volume {vol['name']}: snapshot_every"),
+            snapshot_prefix=prefix))
     return cfg
 
 

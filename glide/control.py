@@ -40,7 +40,7 @@ from typing import Any
 
 from glide import __version__, _native
 from glide.block import BLOCK_SIZE
-from glide.config import VOLUME_NAME_RE, Config, VolumeConfig, parse_hostport
+from glide.config import Config, VolumeConfig, check_name, parse_hostport
 from glide.errors import (
     Conflict,
     HandoffInProgress,
@@ -53,6 +53,8 @@ from glide.errors import (
 from glide.export.nbd import Export
 from glide.handoff.stats import HandoffStats
 from glide.repo.manifest import Fenced, root_key
+from glide.repo.snapshots import list_snapshots, parse_snapshot_key
+from glide.snapshot.coordinator import SnapshotCoordinator
 from glide.store import NotFound, ObjectStore
 from glide.volume.registry import VolumeRegistry
 from glide.volume.scheduler import FlushScheduler
@@ -64,6 +66,7 @@ TRASH_DIR = ".trash"  # under <data-dir>/volumes: deleted volumes on their way o
 # Volumes are addressed by 64-bit byte offsets in NBD and by 4 KiB blocks in
 # the index; 1 PiB leaves room on both and is far beyond a sane single volume.
 MAX_VOLUME_SIZE = 1 << 50
+SNAPSHOT_WAIT = 120.0  # a handoff waits this long for snapshots in progress
 
 
 def check_size(size: object, what: str = "size") -> int:
@@ -78,13 +81,6 @@ def check_size(size: object, what: str = "size") -> int:
     if size > MAX_VOLUME_SIZE:
         raise InvalidRequest(f"{what} {size} exceeds the maximum of {MAX_VOLUME_SIZE} (1 PiB)")
     return size
-
-
-def check_name(name: object) -> str:
-    if not isinstance(name, str) or not VOLUME_NAME_RE.match(name):
-        raise InvalidRequest(f"volume name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
-                             "starting with a letter or digit")
-    return name
 
 
 @dataclass
@@ -118,6 +114,7 @@ class Control:
         self.handoff_record: dict[str, Any] | None = None
         self.handoff_running = False
         self.handoff_stats = HandoffStats()
+        self.snapshots = SnapshotCoordinator(self)
 
     # ---- views ----
 
@@ -165,6 +162,9 @@ class Control:
             raise NotReady("the daemon cannot hand off yet")
         self.handoff_running = True
         try:
+            # New snapshots are refused from here; those in progress end
+            # first (the successor must not inherit a half-taken one).
+            await self.snapshots.wait_idle(SNAPSHOT_WAIT)
             return await self.handoff_runner(dry_run)
         finally:
             self.handoff_running = False
@@ -406,6 +406,18 @@ class Control:
                            "it there first, or the next start would serve it again")
         if e.ublk_dev is not None:
             raise Conflict(f"volume {name!r} is exported as /dev/ublkb{e.ublk_dev}")
+        if any(v == name for v, _ in self.snapshots.active):
+            raise Conflict(f"volume {name!r} has a snapshot in progress; delete it once that "
+                           "has ended")
+        if purge:
+            assert self.store is not None
+            snaps = await asyncio.to_thread(list_snapshots, self.store, name)
+            if snaps:
+                listed = ", ".join(s.name for s in snaps[:5]) + (", ..." if len(snaps) > 5
+                                                                 else "")
+                raise Conflict(f"volume {name!r} has {len(snaps)} snapshot(s) ({listed}); "
+                               "delete them first, or delete without purge (the store keeps "
+                               "the volume and its snapshots)")
         async with e.lock:
             self._get(name)
             if name in self._reserved:
@@ -472,6 +484,8 @@ class Control:
             # The root is the only mutable object; without it GC reaches none
             # of the volume's packs and nodes (shared ones stay: others reach them).
             for info in list(self.store.list(f"volumes/{name}/")):
+                if parse_snapshot_key(info.key) is not None:
+                    continue  # never implicitly: one taken since the check stays
                 try:
                     self.store.delete(info.key)
                 except NotFound:

@@ -197,6 +197,70 @@ class DeleteResult(BaseModel):
     last_committed_version: int
 
 
+class SnapshotCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(None, description="1-64 letters, digits, '.', '_' or '-'; "
+                                               "default snap-<UTC time>")
+    hooks: list[str] = Field(default_factory=list, description=(
+        "shell commands run as pre hooks in order before the cut and as post hooks in "
+        "reverse after it, with GLIDEFS_HOOK=pre|post, GLIDEFS_VOLUME and GLIDEFS_SNAPSHOT "
+        "in their environment; with hooks the snapshot is app-consistent"))
+    hook_timeout: float | None = Field(None, description="seconds per hook "
+                                                         "(default [snapshot] hook_timeout)")
+    max_quiesce: float | None = Field(None, description=(
+        "seconds the pre hooks may take before the cut; past it the application is thawed "
+        "and the snapshot fails (default [snapshot] max_quiesce)"))
+
+
+class HookRun(BaseModel):
+    command: str
+    phase: Literal["pre", "post"]
+    ok: bool
+    seconds: float
+    exit_code: int | None
+    output: str = Field(description="the last 2 KiB of what it printed, control characters "
+                                    "replaced")
+    error: str | None
+
+
+class SnapshotInfo(BaseModel):
+    volume: str
+    name: str
+    state: Literal["pending", "committed", "failed"]
+    version: int | None = Field(description="the manifest version the snapshot keeps")
+    size: int | None
+    cut_seq: int | None = Field(description="the WAL sequence of its cut")
+    created_unix: float | None
+    consistency: Literal["crash", "app"] = Field(
+        description="app: taken between pre and post hooks")
+    freeze_ms: float | None = Field(description="first pre hook start to first post hook "
+                                                "start, for an app-consistent snapshot")
+    error: str | None = Field(description="why it failed; for a committed one, a post hook "
+                                          "that failed")
+    hooks: list[HookRun] = Field(default_factory=list)
+
+
+class SnapshotList(BaseModel):
+    snapshots: list[SnapshotInfo]
+
+
+class SnapshotDeleted(BaseModel):
+    volume: str
+    name: str
+    deleted: bool
+
+
+class CloneRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="the new volume's name", examples=["vm1-test"])
+
+
+class RollbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    snapshot: str
+    force: bool = Field(False, description="disconnect connected NBD clients")
+
+
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (400, 404, 409, 413, 422, 500, 502, 503)
 }
@@ -292,6 +356,43 @@ def build_app(control: Any, scrape: Scrape) -> FastAPI:  # noqa: ANN401
     async def sync_volume(name: str) -> dict[str, Any]:
         """Upload everything acknowledged so far and commit; answers with the version."""
         return await control.sync_volume(name)
+
+    @app.post("/v1/volumes/{name}/snapshots", response_model=SnapshotInfo, status_code=201,
+              tags=["snapshots"])
+    async def create_snapshot(name: str, body: SnapshotCreate) -> dict[str, Any]:
+        """Take a snapshot: everything acknowledged before the request and nothing after.
+        With hooks, the application is frozen only from the first pre hook to the cut;
+        the upload comes after the post hooks. Answers once it is committed."""
+        return await control.snapshots.create(name, body.name, body.hooks, body.hook_timeout,
+                                              body.max_quiesce)
+
+    @app.get("/v1/volumes/{name}/snapshots", response_model=SnapshotList, tags=["snapshots"])
+    async def list_snapshots(name: str) -> dict[str, Any]:
+        """Committed snapshots (from the store), pending ones and recent failures."""
+        return {"snapshots": await control.snapshots.list(name)}
+
+    @app.get("/v1/volumes/{name}/snapshots/{snapshot}", response_model=SnapshotInfo,
+             tags=["snapshots"])
+    async def get_snapshot(name: str, snapshot: str) -> dict[str, Any]:
+        return await control.snapshots.get(name, snapshot)
+
+    @app.delete("/v1/volumes/{name}/snapshots/{snapshot}", response_model=SnapshotDeleted,
+                tags=["snapshots"])
+    async def delete_snapshot(name: str, snapshot: str) -> dict[str, Any]:
+        """Delete a snapshot; clones made from it keep working (GC keeps what they reach)."""
+        return await control.snapshots.delete(name, snapshot)
+
+    @app.post("/v1/volumes/{name}/snapshots/{snapshot}/clone", response_model=VolumeInfo,
+              status_code=201, tags=["snapshots"])
+    async def clone_snapshot(name: str, snapshot: str, body: CloneRequest) -> dict[str, Any]:
+        """A new writable volume with the snapshot's content, sharing its packs."""
+        return await control.snapshots.clone(name, snapshot, body.name)
+
+    @app.post("/v1/volumes/{name}/rollback", response_model=VolumeInfo, tags=["snapshots"])
+    async def rollback_volume(name: str, body: RollbackRequest) -> dict[str, Any]:
+        """Make the volume's content the snapshot's (refused while clients are connected
+        unless forced, and for a volume exported over ublk)."""
+        return await control.snapshots.rollback(name, body.snapshot, body.force)
 
     @app.post("/admin/handoff", response_model=HandoffRecord, tags=["handoff"],
               responses={409: {"model": ErrorBody,

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from glide import __version__
-from glide.cli import handoff_cmd, volume_cmd
+from glide.cli import handoff_cmd, snapshot_cmd, volume_cmd
 from glide.config import (
     Config,
     ConfigError,
@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     vol = sub.add_parser("volume", help="volume operations").add_subparsers(
         dest="volume_command", required=True)
     volume_cmd.add_parsers(sub, vol)
+    snapshot_cmd.add_parsers(sub, vol)
     handoff_cmd.add_parser(sub)
     d = vol.add_parser("drain", help="flush everything a volume's cache holds to the store "
                        "(offline: the daemon must be stopped)")

@@ -237,6 +237,7 @@ class Daemon:
         try:
             await succ.takeover()
             self.admin.start()
+            await control.snapshots.recover()  # a predecessor that died mid-quiesce
             became_main = asyncio.create_task(self._became_main(succ))
             code = await self._serve_until_stop(control)
             became_main.cancel()
@@ -277,6 +278,10 @@ class Daemon:
         control.start_scheduler()
         control.listeners_up = True
         if control.phase == "starting":
+            # A dead daemon may have left an application frozen: thaw it
+            # now that its volume serves (the thaw may need to write), and
+            # before this daemon takes snapshots or says it is ready.
+            await control.snapshots.recover()
             control.phase, control.detail = "serving", "serving"
             self._write_pid_file(os.getpid())
             self._announce(unix_path)
@@ -285,7 +290,12 @@ class Daemon:
     async def _serve_until_stop(self, control: Control) -> int:
         assert self.stop_event is not None
         control.handoff_runner = self._handoff
-        await self.stop_event.wait()
+        schedule = asyncio.create_task(control.snapshots.run_schedule())
+        try:
+            await self.stop_event.wait()
+        finally:
+            schedule.cancel()
+            await asyncio.gather(schedule, return_exceptions=True)
         if self.handoff_task is not None and not self.handoff_task.done():
             log.info("stop requested during a handoff; stopping once it has ended")
             await asyncio.gather(self.handoff_task, return_exceptions=True)

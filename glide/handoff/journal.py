@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from glide.durable import write_durably
 from glide.errors import CorruptData
 
 ROLES = ("predecessor", "successor")
@@ -28,21 +29,7 @@ class PhaseJournal:
 
     def write_phase(self, phase: str, details: dict[str, Any] | None = None) -> None:
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        data = json.dumps({"phase": phase, "details": details or {}}).encode()
-        tmp = self.path.with_suffix(".json.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        # The rename is durable only once the directory entry is on disk.
-        dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        write_durably(self.path, json.dumps({"phase": phase, "details": details or {}}))
 
     def read(self) -> dict[str, Any] | None:
         """The last record ({"phase", "details"}), or None if none was written."""

@@ -29,8 +29,9 @@ retry of a failed flush with the same content) in the one round trip
 between the two, and then commits, names a deleted object. LocalDirStore
 checks and deletes under the lock its PUT takes: no window.
 
-Snapshots are not implemented yet; when they are, their saved roots join the
-set of roots here.
+Snapshots (`volumes/<volume>/snapshots/<name>`, glide/repo/snapshots.py) are
+roots like any volume's: what a snapshot reaches is kept as long as the
+snapshot exists, even when its volume is gone.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from glide.repo.deadline import (
 from glide.repo.manifest import NODE_PREFIX, VOLUME_PREFIX, Root
 from glide.repo.pack import PACK_PREFIX
 from glide.repo.reach import reachable_keys
+from glide.repo.snapshots import parse_snapshot_key
 from glide.store.base import NotFound, ObjectStore, PreconditionFailed
 
 # GraceTooShort, check_grace and TIMESTAMP_RESOLUTION are GC's interface too
@@ -87,18 +89,23 @@ class GcReport:
 
     def summary(self) -> str:
         verb = "would delete" if self.dry_run else "deleted"
-        return (f"gc: {self.roots} volume roots reach {self.reachable} objects; "
+        return (f"gc: {self.roots} roots (volumes and snapshots) reach {self.reachable} objects; "
                 f"kept {self.kept_reachable} reachable, kept {self.kept_young} unreachable "
                 f"but younger than the grace period ({self.kept_young_bytes} bytes); "
                 f"{verb} {self.deleted} ({self.deleted_bytes} bytes)")
 
 
 def live_roots(store: ObjectStore) -> list[Root]:
+    """Every volume's root and every snapshot's."""
     roots = []
     for info in store.list(VOLUME_PREFIX):
-        if not info.key.endswith("/root"):
+        snap = parse_snapshot_key(info.key)
+        if snap is not None:
+            volume = snap[0]
+        elif info.key.endswith("/root") and info.key.count("/") == 2:
+            volume = info.key[len(VOLUME_PREFIX):-len("/root")]
+        else:
             continue
-        volume = info.key[len(VOLUME_PREFIX):-len("/root")]
         try:
             data = store.get(info.key)
         except NotFound:

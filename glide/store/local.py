@@ -54,6 +54,7 @@ from typing import Final
 
 import xxhash
 
+from glide.durable import fsync_dir
 from glide.store.base import (
     Data,
     InvalidKey,
@@ -253,7 +254,7 @@ class LocalDirStore(ObjectStore):
                     self._check_condition(key, path, if_match, if_none_match)
                     os.replace(temp, path)
                     temp = None
-                    _fsync_dir(path.parent)
+                    fsync_dir(path.parent)
             finally:
                 if temp is not None:
                     _unlink_quietly(temp)
@@ -287,7 +288,7 @@ class LocalDirStore(ObjectStore):
                 os.mkdir(new_dir, DIR_MODE)
             except FileExistsError:
                 continue
-            _fsync_dir(new_dir.parent)
+            fsync_dir(new_dir.parent)
 
     def _write_temp(self, directory: Path, digest: bytes, data: Data) -> Path:
         header_fields = HEADER_MAGIC, HEADER_VERSION, HEADER.size, len(data), digest
@@ -321,7 +322,7 @@ class LocalDirStore(ObjectStore):
                 os.unlink(path)
             except (FileNotFoundError, NotADirectoryError):
                 return
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
 
 
 # -- file helpers -------------------------------------------------------------
@@ -397,17 +398,6 @@ def _write_all(fd: int, data: Data) -> None:
         written = os.write(fd, view)
         view = view[written:]
 
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        # Some filesystems cannot fsync a directory; the data itself is synced.
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
-            raise
-    finally:
-        os.close(fd)
 
 
 def _unlink_quietly(path: Path) -> None:

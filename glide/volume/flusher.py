@@ -204,14 +204,18 @@ class Flusher:
         self.cancel = SyncCancel(manifest.volume, lambda: self.volume.cancel_write_back(),
                                  lambda: self.volume.allow_write_back())
 
-    def flush_once(self) -> FlushStats | None:
-        """One cycle; None when nothing was dirty. Raises on any failure
-        before the commit (nothing changed) — the caller retries later;
-        SyncCancelled once `cancel` is set, unless the root was already sent."""
+    def flush_once(self, cut: int | None = None) -> FlushStats | None:
+        """One cycle through `cut` (default: a new cut now, everything
+        acknowledged so far); None when nothing up to it was dirty. An older
+        cut (a snapshot's) commits the volume as it was then: each block's
+        newest version at or before it. Raises on any failure before the
+        commit (nothing changed) — the caller retries later; SyncCancelled
+        once `cancel` is set, unless the root was already sent."""
         self.cancel.check()
         t0 = time.monotonic()
         vol = self.volume
-        cut = vol.flush_cut()
+        if cut is None:
+            cut = vol.flush_cut()
         # The store must never hold a write the local WAL could still lose:
         # after a power cut the cache would then be older than the store, and
         # a block would change value when evicted and fetched again.

@@ -28,14 +28,14 @@ silently serving fewer volumes.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from glide.block import BLOCK_SIZE
 from glide.config import Config, VolumeConfig
+from glide.durable import write_durably
 from glide.errors import CorruptData
 
 REGISTRY_FILE = "volumes.json"
@@ -87,18 +87,7 @@ class VolumeRegistry:
         doc = {"version": FORMAT_VERSION,
                "volumes": {n: {"size": e.size, "origin": e.origin, "created": e.created}
                            for n, e in sorted(self.entries.items())}}
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_durably(self.path, json.dumps(doc, indent=1) + "\n", mode=0o644)
 
     # ---- the rule ----
 
@@ -118,7 +107,7 @@ class VolumeRegistry:
         for v in configured:
             e = self.entries.get(v.name)
             size = max(v.size, e.size) if e else v.size
-            out.append(VolumeConfig(v.name, size, v.ublk, v.ublk_id))
+            out.append(replace(v, size=size, implicit=False))
             names.add(v.name)
         for name in sorted(self.entries):
             if name not in names:

@@ -51,7 +51,7 @@ from glide.block import BLOCK_SIZE
 from glide.config import Config, VolumeConfig
 from glide.errors import Conflict
 from glide.repo.deadline import DEFAULT_COMMIT_DEADLINE
-from glide.repo.manifest import Manifest
+from glide.repo.manifest import Manifest, Root
 from glide.store.base import NotFound, ObjectStore, PreconditionFailed
 from glide.volume.fetcher import Fetcher
 from glide.volume.flusher import Flusher, FlushStats, SyncCancelled, SyncPaused
@@ -182,6 +182,13 @@ class ServedVolume:
         self.flush_lock = threading.Lock()  # one flush at a time (scheduler, drain, stop)
         self.evict_lock = threading.Lock()  # so that a pause can wait for a running eviction
         self.sync_paused = False  # pause_sync .. resume_sync: no sync, checkpoint or eviction
+        # Snapshot cuts not yet committed -> the root that committed them.
+        # A cut is taken and registered under cut_lock, and every sync cycle
+        # chooses its cut under it too, taking the oldest registered one
+        # first: so no commit ever passes a snapshot's cut before the
+        # volume as it was at that cut has been committed.
+        self.cut_lock = threading.Lock()
+        self.snapshot_cuts: dict[int, Root | None] = {}
         self.sync_stats = SyncStats()
         self.sync_stats.committed_now()  # open took ownership: a commit
 
@@ -354,7 +361,16 @@ class ServedVolume:
                     if st is not None:
                         log.info("volume=%s: uploaded %d blocks that predate the store",
                                  self.name, st.stored)
-                st = self.flusher.flush_once()
+                with self.cut_lock:
+                    waiting = [c for c, r in self.snapshot_cuts.items() if r is None]
+                    cut = min(waiting) if waiting else self.vol.flush_cut()
+                st = self.flusher.flush_once(cut)
+                if waiting:
+                    # Committed through the cut now (or nothing up to it was
+                    # dirty, and the last commit is the volume as of it).
+                    with self.cut_lock:
+                        if cut in self.snapshot_cuts:
+                            self.snapshot_cuts[cut] = self.manifest.root
             except SyncCancelled:
                 raise
             except BaseException as e:
@@ -369,6 +385,37 @@ class ServedVolume:
                 self.vol.set_wal_budget(self.budget_after_sync)
                 self.budget_after_sync = None
             return st
+
+    # ---- snapshots ----
+
+    def take_snapshot_cut(self) -> int:
+        """Cuts the WAL for a snapshot: the snapshot is everything acknowledged
+        before this call and nothing after. Instant (no I/O waited for); the
+        sync that commits the volume as of the cut comes later
+        (commit_snapshot_cut)."""
+        with self.cut_lock:
+            cut = self.vol.flush_cut()
+            self.snapshot_cuts[cut] = None
+            return cut
+
+    def commit_snapshot_cut(self, cut: int) -> Root:
+        """Syncs until the volume as of `cut` is committed; returns that root
+        (a committed version the store holds). Raises what a sync raises; the
+        cut is dropped either way."""
+        try:
+            while True:
+                with self.cut_lock:
+                    root = self.snapshot_cuts[cut]
+                if root is not None:
+                    return root
+                self.flush()
+        finally:
+            with self.cut_lock:
+                self.snapshot_cuts.pop(cut, None)
+
+    def snapshots_pending(self) -> int:
+        with self.cut_lock:
+            return sum(1 for r in self.snapshot_cuts.values() if r is None)
 
     # ---- pausing for a handoff ----
 

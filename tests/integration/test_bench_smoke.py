@@ -139,3 +139,18 @@ def test_handoff_bench_quick(tmp_short: Path) -> None:
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| backlog | dirty at start | longest I/O, handoff |"), table
     assert [row.split("|")[1].strip() for row in table[1:]] == ["0 MiB", "16 MiB"], table
+
+
+def test_snapshot_bench_quick(tmp_short: Path) -> None:
+    """bench/snapshot_bench.py --quick end to end (no timing is judged: that
+    each backlog and size was measured, and the table printed)."""
+    out = tmp_short / "snapshot.json"
+    cmd = [sys.executable, str(REPO / "bench" / "snapshot_bench.py"), "--quick",
+           "--dir", str(tmp_short / "work"), "--json", str(out)]
+    proc = _run_bench(cmd, tmp_short, timeout=300)
+    doc = json.loads(out.read_text())
+    assert list(doc["freeze"]) == ["0", "16"] and list(doc["create"]) == ["256M", "1G"], doc
+    for backlog, (r,) in doc["freeze"].items():
+        assert r["dirty_bytes"] >= int(backlog) << 20, r
+        assert 0 < r["freeze"] < r["naive"] and 0 < r["freeze_daemon"], r
+    assert "| backlog | dirty at start | freeze window" in proc.stdout

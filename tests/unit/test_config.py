@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -207,3 +208,23 @@ def test_pid_file(tmp_path: Path) -> None:
     p.write_text('pid_file = "/nonexistent-run-dir/glidefs.pid"\n')
     validate(load_file(p))
 
+
+
+def test_snapshot_settings(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text('[snapshot]\nhook_timeout = "5s"\nmax_quiesce = "250ms"\n'
+                 '[[volume]]\nname = "a"\nsize = "1G"\nsnapshot_every = "1h"\n'
+                 'snapshot_prefix = "hourly-"\n')
+    cfg = load_file(p)
+    assert (cfg.snapshot.hook_timeout, cfg.snapshot.max_quiesce) == (5.0, 0.25)
+    assert cfg.volumes[0].snapshot_every == 3600 and cfg.volumes[0].snapshot_prefix == "hourly-"
+    for bad, why in (('[snapshot]\nhook_timeout = "0s"\n', "positive"),
+                     ('[snapshot]\nfreeze = 1\n', "unknown keys in [snapshot]"),
+                     ('[[volume]]\nname = "a"\nsize = "1G"\nsnapshot_prefix = "-x"\n',
+                      "snapshot_prefix"),
+                     ('[[volume]]\nname = "a"\nsize = "1G"\nsnapshot_every = "soon"\n',
+                      "snapshot_every"),
+                     ('[[volume]]\nname = "a"\nsize = "1G"\nublk_idd = 1\n', "unknown keys")):
+        p.write_text(bad)
+        with pytest.raises(ConfigError, match=re.escape(why)):
+            load_file(p)

@@ -610,6 +610,30 @@ class Manifest:
                        lambda: self._prepare_grow(new_size))
             return self._root.version  # ours: installed under the write lock we hold
 
+    def rewind_to(self, other: Root, meta: Mapping[str, Any] | None = None) -> str:
+        """Commits, as the next version, the tree of `other` (a snapshot of
+        this volume, or of another): the volume's content becomes that
+        version's, at that version's size; a caller that wants the current
+        size grows it after. Writes only the root (the tree already exists).
+        Same fencing as `commit`; refused with uncommitted changes. Returns
+        the new root's ETag."""
+        with self._write_lock:
+            self._check_writable()
+            if not self._owner:
+                raise NotOwner(f"volume {self.volume!r}: call take_ownership() before rewinding")
+            if self._dirty:
+                raise RuntimeError("rewind_to() with uncommitted changes")
+            root = replace(other, volume=self.volume, version=self._root.version + 1,
+                           epoch=self._root.epoch, writer=self._root.writer,
+                           cut_seq=self._root.cut_seq, meta=dict(meta or {}))
+            data = root.encode()
+            try:
+                etag = self._cas_root(self.store, data, if_match=self._etag)
+            except _RootChanged as changed:
+                raise self._fence(changed) from None
+            self._reset(root, etag)
+            return etag
+
     def take_ownership(self, writer: str) -> str:
         """Makes `writer` the volume's only writer: bumps the epoch with a CAS
         on the root, so the previous writer's next commit raises Fenced.
