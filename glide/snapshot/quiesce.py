@@ -12,9 +12,11 @@ Keeps:
     start (after a crash, or as a handoff successor whose predecessor died)
     runs the post hooks of those started pre hooks, newest first, before it
     takes any snapshot, and records the snapshot as failed;
-  - post hooks run in reverse order and only for pre hooks that started (a
-    pre hook that failed or timed out may have frozen something halfway, so
-    it is thawed too); a failing post hook does not stop the others;
+  - post hooks run in reverse order and only for the pre hooks that
+    succeeded; a failing post hook does not stop the others. After a crash
+    nobody knows whether the pre hook that was running succeeded, so the
+    recovery thaws every pre hook that started (thawing what was not frozen
+    is harmless, leaving an application frozen is not);
   - every hook has a timeout, after which its whole process group is
     killed; the pre hooks together are bounded by the maximum quiesce time;
     what a hook leaves running with its output still open is killed with
@@ -177,11 +179,14 @@ class QuiesceMarker:
 
 
 class QuiesceHooks:
-    """One snapshot's hooks: `pre()` freezes, `post()` thaws what `pre()` started."""
+    """One snapshot's hooks: `pre()` freezes, `post()` thaws what `pre()` froze."""
 
-    def __init__(self, marker: QuiesceMarker) -> None:
+    def __init__(self, marker: QuiesceMarker, recovering: bool = False) -> None:
         self.marker = marker
         self.outcomes: list[HookOutcome] = []
+        # Pre hooks whose post hook runs: those that succeeded; in a
+        # recovery, every one the dead daemon started.
+        self.thaw = marker.started if recovering else 0
 
     @property
     def env(self) -> dict[str, str]:
@@ -207,14 +212,16 @@ class QuiesceHooks:
             self.outcomes.append(out)
             if not out.ok:
                 return out
+            self.thaw += 1
         return None
 
     async def post(self) -> list[HookOutcome]:
-        """Thaws: the post hook of every pre hook that started, newest first;
-        then the marker goes. Returns the failures (logged)."""
+        """Thaws: the post hook of every pre hook that succeeded (see
+        `thaw`), newest first; then the marker goes. Returns the failures
+        (logged)."""
         m = self.marker
         failed = []
-        for command in reversed(m.hooks[:m.started]):
+        for command in reversed(m.hooks[:self.thaw]):
             out = await run_hook(command, "post", self.env, m.hook_timeout)
             self.outcomes.append(out)
             if not out.ok:
@@ -235,5 +242,5 @@ async def recover_quiesce(vdir: Path) -> QuiesceMarker | None:
                 "(since %s); running its %d post hook(s) now", marker.volume, marker.snapshot,
                 time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(marker.since_unix)),
                 marker.started)
-    await QuiesceHooks(marker).post()
+    await QuiesceHooks(marker, recovering=True).post()
     return marker
