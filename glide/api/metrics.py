@@ -147,6 +147,7 @@ class DaemonCollector:
                     syncs, sync_dur, sync_bytes, last_commit, readthrough, version)
         yield from self._store()
         yield from self._handoff()
+        yield from self._snapshots()
 
     def _store(self) -> Iterator[Metric]:
         store = self.control.store
@@ -187,6 +188,22 @@ class DaemonCollector:
             h = HistogramMetricFamily(name, what)
             h.add_metric([], _buckets(snap := hist.snapshot()), snap.total)
             yield h
+
+
+    def _snapshots(self) -> Iterator[Metric]:
+        snaps = self.control.snapshots
+        total = CounterMetricFamily("glidefs_snapshots", "snapshots this daemon took, by "
+                                    "result (committed, failed)", labels=["result"])
+        for result, n in sorted(dict(snaps.results).items()):
+            total.add_metric([result], n)
+        yield total
+        yield GaugeMetricFamily("glidefs_snapshots_in_progress",
+                                "snapshots being taken (pending)", value=len(snaps.active))
+        h = HistogramMetricFamily("glidefs_snapshot_freeze_seconds",
+                                  "how long an app-consistent snapshot kept its application "
+                                  "frozen: first pre hook to first post hook")
+        h.add_metric([], _buckets(snap := snaps.freeze.snapshot()), snap.total)
+        yield h
 
 
 class Metrics:

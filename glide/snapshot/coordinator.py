@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from glide.config import check_name
 from glide.errors import Conflict, GlideError, InvalidRequest, NoSuchVolume, VolumeBusy
+from glide.histogram import Histogram
 from glide.repo.manifest import Fenced, Root, root_key
 from glide.repo.snapshots import (
     Snapshot,
@@ -73,6 +74,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("glide.snapshot")
 
 MAX_TIMEOUT = 3600.0
+# A good freeze is milliseconds; the default max_quiesce is 10 s.
+FREEZE_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class SnapshotFailed(GlideError):
@@ -114,6 +117,10 @@ class SnapshotCoordinator:
         self.active: dict[tuple[str, str], dict[str, Any]] = {}  # pending, by (volume, name)
         self.idle = asyncio.Event()
         self.idle.set()
+        # For /metrics: this process's snapshots by result, and how long
+        # app-consistent ones kept their application frozen.
+        self.results = {"committed": 0, "failed": 0}
+        self.freeze = Histogram(FREEZE_BOUNDS)
 
     # ---- helpers ----
 
@@ -195,10 +202,14 @@ class SnapshotCoordinator:
                                     {"consistency": record["consistency"],
                                      "created_unix": record["created_unix"]})
             log.error("snapshot %s@%s failed: %s", volume, name, why)
+            self.results["failed"] += 1
             if isinstance(err, GlideError):
                 raise
             raise SnapshotFailed(f"snapshot {volume}@{name} failed: {why}") from err
         await asyncio.to_thread(journal.committed, name)
+        self.results["committed"] += 1
+        if record["freeze_ms"] is not None:
+            self.freeze.observe(record["freeze_ms"] / 1000)
         view = snap.describe() | {"hooks": record["hooks"]}
         log.info("snapshot %s@%s committed: version=%d cut=%d consistency=%s%s seconds=%.3f",
                  volume, name, snap.root.version, snap.root.cut_seq, record["consistency"],

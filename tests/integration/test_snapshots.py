@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nbdclients import SYSTEM_PYTHON, TOOLS_DIR, qemu_io, system_env
+from prometheus_client.parser import text_string_to_metric_families
 
 from glide.store import LocalDirStore
 
@@ -87,6 +88,14 @@ def run_gc(store: Path) -> str:
                         "--commit-deadline", "1s"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     return r.stdout
+
+
+def scrape(d: Daemon) -> dict[tuple[str, tuple], float]:
+    p = subprocess.run(["curl", "-sS", "--unix-socket", str(d.data_dir / "admin.sock"),
+                        "http://glidefs/metrics"], capture_output=True, text=True, timeout=60,
+                       check=True)
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(p.stdout) for s in fam.samples}
 
 
 def listed(d: Daemon, volume: str) -> dict[str, dict]:
@@ -341,6 +350,11 @@ def test_hooks_run_in_order_with_their_environment(daemon: Daemon, tmp_short: Pa
     assert "status 4" in listed(d, "vol0")["app3"]["error"]
     r = cli(d, "snapshot", "create", "vol0", "app4", "--hook", thaw_fails)
     assert "warning: post hook" in r.stdout
+    metrics = scrape(d)
+    assert metrics[("glidefs_snapshots_total", (("result", "committed"),))] == 4
+    assert metrics[("glidefs_snapshots_total", (("result", "failed"),))] == 0
+    assert metrics[("glidefs_snapshot_freeze_seconds_count", ())] == 4
+    assert metrics[("glidefs_snapshots_in_progress", ())] == 0
 
 
 def test_a_failing_pre_hook_skips_the_snapshot_and_thaws_what_started(
