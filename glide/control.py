@@ -115,6 +115,9 @@ class Control:
         self.handoff_running = False
         self.handoff_stats = HandoffStats()
         self.snapshots = SnapshotCoordinator(self)
+        # Descriptors of the mount namespace and root the daemon started in,
+        # once it has left them for its own (ublk); snapshot hooks run there.
+        self.host_ns: tuple[int, int] | None = None
 
     # ---- views ----
 

@@ -50,7 +50,7 @@ from glide.daemon.sdnotify import SystemdNotifier
 from glide.errors import GlideError, StartupError
 from glide.export.nbd import negotiate_and_attach
 from glide.handoff.journal import PhaseJournal
-from glide.handoff.predecessor import SOCKET_ENV, HandoffPredecessor
+from glide.handoff.predecessor import HOST_NS_ENV, SOCKET_ENV, HandoffPredecessor
 from glide.handoff.successor import HandoffSuccessor, listener_socket
 from glide.repo.manifest import Fenced
 from glide.store import ObjectStore, StoreError, from_config
@@ -88,6 +88,17 @@ class Daemon:
         ok, reason = _native.ublk_probe()
         if not ok:
             raise StartupError(f"ublk export requested but unavailable: {reason}")
+        # Snapshot hooks act on what the operator sees (a filesystem mounted
+        # on our own device, to freeze it), so they run in the mount
+        # namespace and root this daemon started in, kept as descriptors. A
+        # handoff successor inherits its predecessor's, which started there.
+        inherited = os.environ.pop(HOST_NS_ENV, None)
+        if inherited:
+            mnt, root = (int(x) for x in inherited.split(","))
+        else:
+            mnt = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+            root = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        control.host_ns = (mnt, root)
         _native.unshare_mounts()
         control.uses_ublk = True
 

@@ -55,6 +55,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("glide.handoff")
 
 SOCKET_ENV = "GLIDE_HANDOFF_SOCKET"
+# The mount namespace and root the first daemon started in (snapshot hooks
+# run there): "<mnt fd>,<root fd>", inherited by the successor.
+HOST_NS_ENV = "GLIDE_HOST_NS_FDS"
 # The successor's command line; by default this daemon's own, so an
 # upgraded package on disk is what starts. Tests point it at another build.
 EXEC_ENV = "GLIDE_HANDOFF_EXEC"
@@ -149,7 +152,11 @@ class HandoffPredecessor:
         listener = protocol.listen(self.sock_path)
         try:
             env = dict(os.environ, **{SOCKET_ENV: str(self.sock_path)})
-            self.proc = subprocess.Popen(successor_command(), env=env, stdin=subprocess.DEVNULL)
+            host_ns = control.host_ns or ()
+            if host_ns:
+                env[HOST_NS_ENV] = ",".join(str(fd) for fd in host_ns)
+            self.proc = subprocess.Popen(successor_command(), env=env, stdin=subprocess.DEVNULL,
+                                         pass_fds=host_ns)
             rec.d["successor_pid"] = self.proc.pid
             self.journal.write_phase("warming", {"id": rec.d["id"], "successor_pid": self.proc.pid})
             log.info("handoff id=%s: successor pid %d started", rec.d["id"], self.proc.pid)

@@ -222,7 +222,8 @@ class SnapshotCoordinator:
         """pre hooks -> cut -> post hooks; the cut, or SnapshotFailed with the
         application thawed."""
         volume, name = record["volume"], record["name"]
-        q = QuiesceHooks(QuiesceMarker(self._vdir(volume), volume, name, hooks, hook_timeout))
+        q = QuiesceHooks(QuiesceMarker(self._vdir(volume), volume, name, hooks, hook_timeout),
+                         host_ns=self.control.host_ns)
         frozen = time.monotonic()
         failure: HookOutcome | None = await q.pre(frozen + max_quiesce)
         cut = None
@@ -457,7 +458,7 @@ class SnapshotCoordinator:
         for volume in list(self.control.served):
             vdir = self._vdir(volume)
             journal = self.journal(volume)
-            marker = await recover_quiesce(vdir)
+            marker = await recover_quiesce(vdir, self.control.host_ns)
             if marker is not None and marker.snapshot != "?":
                 await asyncio.to_thread(
                     journal.failed, marker.snapshot,

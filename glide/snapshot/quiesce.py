@@ -72,22 +72,34 @@ def _printable(data: bytes) -> str:
     return "".join(c if c.isprintable() or c in "\n\t" else "?" for c in text).strip()
 
 
+HostNs = tuple[int, int] | None  # (mount namespace fd, root dir fd) to run hooks in
+
+
 async def run_hook(command: str, phase: str, env: dict[str, str],
-                   timeout: float) -> HookOutcome:
+                   timeout: float, host_ns: HostNs = None) -> HookOutcome:
     """Runs one hook; never raises for what the hook does. A worker thread
     waits for it: asyncio's own process wait also waits for the hook's
     output pipe to close, which a background child of the hook can hold
     long after the hook has exited."""
-    return await asyncio.to_thread(_run_hook, command, phase, env, timeout)
+    return await asyncio.to_thread(_run_hook, command, phase, env, timeout, host_ns)
 
 
-def _run_hook(command: str, phase: str, env: dict[str, str], timeout: float) -> HookOutcome:
+def _run_hook(command: str, phase: str, env: dict[str, str], timeout: float,
+              host_ns: HostNs) -> HookOutcome:
     t0 = time.monotonic()
+    argv = ["/bin/sh", "-c", command]
+    if host_ns is not None:
+        # The daemon left its mount namespace (ublk); the hook goes back to
+        # the one, and the root, the daemon started in: nsenter opens both
+        # descriptors before it enters the namespace, then chroots.
+        mnt, root = host_ns
+        argv = ["nsenter", f"--mount=/proc/self/fd/{mnt}", f"--root=/proc/self/fd/{root}",
+                f"--wd=/proc/self/fd/{root}", "--", *argv]
     try:
         proc = subprocess.Popen(
-            ["/bin/sh", "-c", command], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, env={**os.environ, **env, "GLIDEFS_HOOK": phase},
-            start_new_session=True, close_fds=True)
+            start_new_session=True, close_fds=True, pass_fds=host_ns or ())
     except OSError as e:
         return HookOutcome(command, phase, False, time.monotonic() - t0, None, "",
                            f"cannot start: {e.strerror}")
@@ -181,8 +193,10 @@ class QuiesceMarker:
 class QuiesceHooks:
     """One snapshot's hooks: `pre()` freezes, `post()` thaws what `pre()` froze."""
 
-    def __init__(self, marker: QuiesceMarker, recovering: bool = False) -> None:
+    def __init__(self, marker: QuiesceMarker, recovering: bool = False,
+                 host_ns: HostNs = None) -> None:
         self.marker = marker
+        self.host_ns = host_ns
         self.outcomes: list[HookOutcome] = []
         # Pre hooks whose post hook runs: those that succeeded; in a
         # recovery, every one the dead daemon started.
@@ -204,7 +218,8 @@ class QuiesceHooks:
                                    "the maximum quiesce time ran out before this hook started")
             m.started += 1
             await asyncio.to_thread(m.save)
-            out = await run_hook(command, "pre", self.env, min(m.hook_timeout, left))
+            out = await run_hook(command, "pre", self.env, min(m.hook_timeout, left),
+                                 self.host_ns)
             if out.exit_code is None and left < m.hook_timeout and out.error and \
                     out.error.startswith("timed out"):
                 out.error = ("the maximum quiesce time ran out while it ran; killed (the pre "
@@ -222,7 +237,7 @@ class QuiesceHooks:
         m = self.marker
         failed = []
         for command in reversed(m.hooks[:self.thaw]):
-            out = await run_hook(command, "post", self.env, m.hook_timeout)
+            out = await run_hook(command, "post", self.env, m.hook_timeout, self.host_ns)
             self.outcomes.append(out)
             if not out.ok:
                 failed.append(out)
@@ -232,7 +247,7 @@ class QuiesceHooks:
         return failed
 
 
-async def recover_quiesce(vdir: Path) -> QuiesceMarker | None:
+async def recover_quiesce(vdir: Path, host_ns: HostNs = None) -> QuiesceMarker | None:
     """If a daemon died with volume `vdir` quiesced, thaws it (its post
     hooks) and returns the marker; else None."""
     marker = await asyncio.to_thread(QuiesceMarker.load, vdir)
@@ -242,5 +257,5 @@ async def recover_quiesce(vdir: Path) -> QuiesceMarker | None:
                 "(since %s); running its %d post hook(s) now", marker.volume, marker.snapshot,
                 time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(marker.since_unix)),
                 marker.started)
-    await QuiesceHooks(marker, recovering=True).post()
+    await QuiesceHooks(marker, recovering=True, host_ns=host_ns).post()
     return marker

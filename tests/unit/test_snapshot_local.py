@@ -109,3 +109,35 @@ def test_journal(tmp_path: Path) -> None:
     assert all(f["name"] != f"x{FAILED_KEPT + 4}" for f in j.failures())
     (tmp_path / "snapshots.json").write_text("[garbage")
     assert SnapshotJournal(tmp_path).pending() == {}  # damaged bookkeeping, no crash
+
+
+NS_SCRIPT = """
+import asyncio, os, subprocess, sys
+from glide import _native
+from glide.snapshot.quiesce import run_hook
+d = sys.argv[1]
+mnt = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+root = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+_native.unshare_mounts()  # what a daemon with ublk volumes does at start
+subprocess.run(["mount", "-t", "tmpfs", "private", d], check=True)
+open(os.path.join(d, "only-in-the-daemon"), "w").close()
+for ns in (None, (mnt, root)):
+    out = asyncio.run(run_hook(f"ls {d}; pwd", "pre", {}, 10, ns))
+    print(repr(out.output))
+"""
+
+
+def test_hooks_run_in_the_mount_namespace_the_daemon_started_in(tmp_path: Path) -> None:
+    """A daemon serving ublk lives in a private mount namespace; a hook must
+    see the operator's mounts (to freeze them), not the daemon's."""
+    import subprocess
+    import sys
+
+    target = tmp_path / "mnt"
+    target.mkdir()
+    p = subprocess.run([sys.executable, "-c", NS_SCRIPT, str(target)], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    inside, outside = p.stdout.splitlines()
+    assert "only-in-the-daemon" in inside
+    assert outside == repr("/"), outside  # no such file there, and the cwd is its root
