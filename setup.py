@@ -23,6 +23,7 @@ SOURCES = [
     "native/nbd_proto.c",
     "native/nbd_conn.c",
     "native/ublk.c",
+    "native/mount_ns.c",
     "native/pack_build.c",
     "native/module.c",
 ]

@@ -15,7 +15,6 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
-#include <sys/mount.h>
 #include <unistd.h>
 
 #include "glide_common.h"
@@ -176,20 +175,6 @@ int ublk_update_size(struct ublk_device *d, char *err, size_t errlen) {
     rc = can_update_size(&c) ? update_size(&c, d->dev_id, d->v->size, err, errlen) : 0;
     ctrl_close(&c);
     return rc;
-}
-
-int glide_unshare_mounts(char *msg, size_t len) {
-    if (unshare(CLONE_NEWNS) < 0) {
-        snprintf(msg, len, "unshare(CLONE_NEWNS): %s", strerror(errno));
-        return -errno;
-    }
-    /* Mounts made by others after this point (a guest filesystem on our own
-     * device) must not propagate into our namespace. */
-    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0) {
-        snprintf(msg, len, "making mounts private: %s", strerror(errno));
-        return -errno;
-    }
-    return 0;
 }
 
 /* ---------- queue threads ---------- */

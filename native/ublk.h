@@ -50,8 +50,9 @@ int ublk_remove(struct ublk_device *d, char *err, size_t errlen);
 /* Checks that ublk can work here; 0, or -errno with a reason in msg. */
 int ublk_probe(char *msg, size_t len);
 
-/* Unshare the mount namespace (before any thread exists), so the daemon
- * never waits on a filesystem mounted on its own device. */
+/* Unshare the mount namespace (before any thread exists) and detach from
+ * the copy every ublk disk's mount, so the daemon never waits on a
+ * filesystem mounted on its own device (native/mount_ns.c). */
 int glide_unshare_mounts(char *msg, size_t len);
 
 #endif
