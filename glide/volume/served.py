@@ -207,14 +207,15 @@ class ServedVolume:
                 "that store, or move the volume directory aside to serve this store's copy.")
         cache_id = binding.cache_id if binding else uuid.uuid4().hex
         writer = writer_id(cache_id)
+        fresh = not any(vdir.iterdir())
         vol = cls._open_native(cfg, vc, vdir)
         try:
             # Blocks only the cache holds: written before the volume had a
             # store, or adopted by a run that crashed before committing them.
             # One scan of the index, used for both decisions below.
-            local_only = len(vol.local_only_blocks())
+            local_only = 0 if fresh else len(vol.local_only_blocks())  # a scan of every block
             manifest, cold = cls._bind_manifest(cfg, vc, store, vol, vdir, binding, writer,
-                                                local_only)
+                                                local_only, fresh)
             if cold is not None:
                 vol = cold
             if binding is None:
@@ -283,6 +284,7 @@ class ServedVolume:
     def _bind_manifest(
         cls, cfg: Config, vc: VolumeConfig, store: ObjectStore, vol: _native.Volume,
         vdir: Path, binding: Binding | None, writer: str, local_only: int,
+        fresh: bool = False,
     ) -> tuple[Manifest, _native.Volume | None]:
         """(manifest owned by `writer`, a replacement native volume if the
         cache was reset)."""
@@ -314,7 +316,10 @@ class ServedVolume:
                 log.warning("volume=%s: local cache is stale (store at v%d by %s); "
                             "discarding it and reading from the store", vc.name,
                             manifest.version, manifest.root.writer)
-            cold = cls._reset_cache(cfg, vc, vol, vdir)
+            # A cache created by this very open (a clone, a cold start on a
+            # new data directory) holds nothing to discard: no second open,
+            # whose cost grows with the volume's size.
+            cold = vol if fresh else cls._reset_cache(cfg, vc, vol, vdir)
         _own(manifest, vc, writer)
         if cold is not None:
             remote = 0
