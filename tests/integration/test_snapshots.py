@@ -3,7 +3,7 @@ the API through curl, the CLI as typed, data through libnbd, qemu-io and
 nbdcopy, hooks as real shell commands.
 
 The kernel-device half (ext4 on /dev/ublkb0 frozen by fsfreeze hooks, e2fsck
-on the clone) is tests/kernel/test_snapshots.py.
+on the clone) is tests/kernel/test_ublk_snapshots.py.
 """
 
 from __future__ import annotations
