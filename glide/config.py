@@ -14,10 +14,14 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from glide.block import BLOCK_SIZE
 from glide.errors import ConfigError, InvalidRequest
 from glide.repo.deadline import DEFAULT_COMMIT_DEADLINE
+
+if TYPE_CHECKING:
+    from glide.replication.config import ReplicationJobConfig
 
 DEFAULT_TCP = "127.0.0.1:10809"
 VOLUME_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -170,6 +174,7 @@ class Config:
     # PIDFile=); a handoff's predecessor rewrites it with the successor's pid
     # before it exits. None: no pid file.
     pid_file: Path | None = None
+    replication: list[ReplicationJobConfig] = field(default_factory=list)
 
     def unix_socket_path(self) -> str:
         return self.nbd_unix or str(self.data_dir / "nbd.sock")
@@ -201,7 +206,7 @@ def load_file(path: Path) -> Config:
         raise ConfigError(f"config file {path}: {e}") from e
     cfg = Config(config_path=path)
     known = {"data_dir", "pid_file", "nbd", "cache", "volume", "ublk", "store", "api", "log",
-             "snapshot"}
+             "snapshot", "replication"}
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"config file {path}: unknown keys {sorted(unknown)}")
@@ -256,6 +261,10 @@ def load_file(path: Path) -> Config:
         depth=int(ublk.get("depth", 64)),
         max_io=parse_size(ublk.get("max_io", 512 << 10), "ublk.max_io"),
     )
+    if "replication" in raw:
+        # Imported here: the replication package builds on this module.
+        from glide.replication.config import load_replication
+        cfg.replication = load_replication(raw["replication"], path)
     for i, vol in enumerate(raw.get("volume", [])):
         if "name" not in vol or "size" not in vol:
             raise ConfigError(f"config file {path}: [[volume]] #{i + 1} needs name and size")

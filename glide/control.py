@@ -52,6 +52,7 @@ from glide.errors import (
 )
 from glide.export.nbd import Export
 from glide.handoff.stats import HandoffStats
+from glide.replication.service import ReplicationService
 from glide.repo.manifest import Fenced, root_key
 from glide.repo.snapshots import list_snapshots, parse_snapshot_key
 from glide.snapshot.coordinator import SnapshotCoordinator
@@ -115,6 +116,7 @@ class Control:
         self.handoff_running = False
         self.handoff_stats = HandoffStats()
         self.snapshots = SnapshotCoordinator(self)
+        self.replication = ReplicationService(self)
         # Descriptors of the mount namespace and root the daemon started in,
         # once it has left them for its own (ublk); snapshot hooks run there.
         self.host_ns: tuple[int, int] | None = None

@@ -261,6 +261,79 @@ class RollbackRequest(BaseModel):
     force: bool = Field(False, description="disconnect connected NBD clients")
 
 
+class ReplicationStep(BaseModel):
+    snapshot: str
+    phase: Literal["planning", "copying", "publishing", "done"]
+    bytes_expected: int
+    bytes_done: int = Field(description="copied, or found already on the target")
+    bytes_sent: int = Field(description="written to the target")
+    objects_expected: int
+    objects_done: int
+    rate_bytes_per_second: float
+    eta_seconds: float | None
+
+
+class ReplicationVolume(BaseModel):
+    volume: str
+    state: Literal["idle", "copying", "failed"]
+    newest_on_target: str | None = Field(description="the newest snapshot the target holds")
+    lag_seconds: float | None = Field(description="age of that snapshot: the recovery point")
+    last_success_unix: float | None
+    last_error: str | None
+    snapshots_behind: int
+    held_back: int = Field(description="source snapshots kept only because the target lacks "
+                                       "them or a pin holds them")
+    step: ReplicationStep | None = None
+    warning: str | None = None
+
+
+class ReplicationJob(BaseModel):
+    job: str
+    target: str
+    state: Literal["idle", "running", "retrying", "failed"]
+    last_run_unix: float | None
+    last_success_unix: float | None
+    last_error: str | None
+    error_kind: Literal["temporary", "permanent"] | None
+    next_retry_unix: float | None
+    steps: dict[str, int] = Field(description="steps by result: ok, error, cancelled")
+    bytes_sent: int
+    pinned_snapshots: int
+    volumes: list[ReplicationVolume]
+
+
+class PinInfo(BaseModel):
+    volume: str
+    job: str
+    snapshot: str
+    reason: str
+    since_unix: float
+
+
+class ReplicationStatus(BaseModel):
+    jobs: list[ReplicationJob]
+    pins: list[PinInfo] | None = None
+
+
+class PruneRow(BaseModel):
+    snapshot: str
+    keep: bool
+    kept_by: list[str] = Field(description="every rule or pin that keeps it; empty: destroyed")
+
+
+class PruneVolume(BaseModel):
+    volume: str
+    source: list[PruneRow] | None = None
+    target: list[PruneRow] | None = None
+    target_error: str | None = None
+
+
+class PruneResult(BaseModel):
+    job: str
+    dry_run: bool
+    volumes: list[PruneVolume]
+
+
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (400, 404, 409, 413, 422, 500, 502, 503)
 }
@@ -393,6 +466,34 @@ def build_app(control: Any, scrape: Scrape) -> FastAPI:  # noqa: ANN401
         """Make the volume's content the snapshot's (refused while clients are connected
         unless forced, and for a volume exported over ublk)."""
         return await control.snapshots.rollback(name, body.snapshot, body.force)
+
+    @app.get("/v1/replication", response_model=ReplicationStatus, tags=["replication"])
+    async def replication_status(
+        pins: Annotated[bool, Query(description="also list what each job pins on the "
+                                                "source, and why")] = False,
+    ) -> dict[str, Any]:
+        """Every replication job: state, per volume the lag (age of the newest snapshot on
+        the target), the step in progress with bytes, rate and ETA, and errors."""
+        return await control.replication.status(pins)
+
+    @app.post("/v1/replication/{job}/run", response_model=ReplicationJob,
+              tags=["replication"])
+    async def replication_run(
+        job: str,
+        wait: Annotated[bool, Query(description="answer once the run has ended")] = True,
+    ) -> dict[str, Any]:
+        """Run a job now (also one stopped by a permanent error)."""
+        return await control.replication.run_now(job, wait)
+
+    @app.post("/v1/replication/{job}/prune", response_model=PruneResult,
+              tags=["replication"], response_model_exclude_none=True)
+    async def replication_prune(
+        job: str,
+        dry_run: Annotated[bool, Query(description="list what would go and which rule "
+                                                   "decided, destroy nothing")] = False,
+    ) -> dict[str, Any]:
+        """Apply the job's keep_source and keep_target rules now."""
+        return await control.replication.prune(job, dry_run)
 
     @app.post("/admin/handoff", response_model=HandoffRecord, tags=["handoff"],
               responses={409: {"model": ErrorBody,

@@ -148,6 +148,7 @@ class DaemonCollector:
         yield from self._store()
         yield from self._handoff()
         yield from self._snapshots()
+        yield from self._replication()
 
     def _store(self) -> Iterator[Metric]:
         store = self.control.store
@@ -204,6 +205,32 @@ class DaemonCollector:
                                   "frozen: first pre hook to first post hook")
         h.add_metric([], _buckets(snap := snaps.freeze.snapshot()), snap.total)
         yield h
+
+    def _replication(self) -> Iterator[Metric]:
+        jobs = list(self.control.replication.jobs.values())
+        lag = GaugeMetricFamily("glidefs_replication_lag_seconds",
+                                "age of the newest snapshot on the job's target (the recovery "
+                                "point)", labels=["job", "volume"])
+        nbytes = CounterMetricFamily("glidefs_replication_bytes", "bytes written to the "
+                                     "job's target", labels=["job"])
+        steps = CounterMetricFamily("glidefs_replication_steps", "replication steps by "
+                                    "result (ok, error, cancelled)", labels=["job", "result"])
+        pinned = GaugeMetricFamily("glidefs_replication_pinned_snapshots",
+                                   "source snapshots the job pins", labels=["job"])
+        failed = GaugeMetricFamily("glidefs_replication_job_failed", "1 while the job is "
+                                   "stopped by a permanent error", labels=["job"])
+        now = time.time()
+        for rt in jobs:
+            name = rt.cfg.name
+            for v in list(rt.volumes.values()):
+                if v.newest_target_created is not None:
+                    lag.add_metric([name, v.volume], max(0.0, now - v.newest_target_created))
+            nbytes.add_metric([name], rt.bytes_sent)
+            for result, n in sorted(rt.steps.items()):
+                steps.add_metric([name, result], n)
+            pinned.add_metric([name], rt.pinned)
+            failed.add_metric([name], 1.0 if rt.state == "failed" else 0.0)
+        yield from (lag, nbytes, steps, pinned, failed)
 
 
 class Metrics:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from glide import __version__
-from glide.cli import handoff_cmd, snapshot_cmd, volume_cmd
+from glide.cli import handoff_cmd, replication_cmd, snapshot_cmd, volume_cmd
 from glide.config import (
     Config,
     ConfigError,
@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     volume_cmd.add_parsers(sub, vol)
     snapshot_cmd.add_parsers(sub, vol)
     handoff_cmd.add_parser(sub)
+    replication_cmd.add_parsers(sub)
     d = vol.add_parser("drain", help="flush everything a volume's cache holds to the store "
                        "(offline: the daemon must be stopped)")
     _common(d)

@@ -302,11 +302,13 @@ class Daemon:
         assert self.stop_event is not None
         control.handoff_runner = self._handoff
         schedule = asyncio.create_task(control.snapshots.run_schedule())
+        replication = asyncio.create_task(control.replication.run())
         try:
             await self.stop_event.wait()
         finally:
-            schedule.cancel()
-            await asyncio.gather(schedule, return_exceptions=True)
+            for task in (schedule, replication):
+                task.cancel()
+            await asyncio.gather(schedule, replication, return_exceptions=True)
         if self.handoff_task is not None and not self.handoff_task.done():
             log.info("stop requested during a handoff; stopping once it has ended")
             await asyncio.gather(self.handoff_task, return_exceptions=True)

@@ -29,9 +29,18 @@ retry of a failed flush with the same content) in the one round trip
 between the two, and then commits, names a deleted object. LocalDirStore
 checks and deletes under the lock its PUT takes: no window.
 
-Snapshots (`volumes/<volume>/snapshots/<name>`, glide/repo/snapshots.py) are
-roots like any volume's: what a snapshot reaches is kept as long as the
-snapshot exists, even when its volume is gone.
+Snapshots (`volumes/<volume>/snapshots/<name>`, glide/repo/snapshots.py) and
+replication pins (`volumes/<volume>/pins/<job>/<snapshot>`,
+glide/replication/pins.py) are roots like any volume's: what they reach is
+kept as long as they exist, even when their volume is gone.
+
+Replication step markers (`volumes/<volume>/replicating/<job>`,
+glide/replication/step.py) list the keys a step copying into this store
+needs before its snapshot's root is published there: those keys are live
+too. GC lists the markers again at least every MARKER_REREAD seconds while
+it deletes, and a step waits longer than that after writing its marker
+before it trusts a HEAD, so an object a step has found present is not
+deleted under it (on S3 up to the HEAD-then-DELETE window above).
 """
 
 from __future__ import annotations
@@ -42,6 +51,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from glide.errors import GlideError
+from glide.replication.pins import parse_pin_key
+from glide.replication.step import decode_marker, parse_marker_key
 from glide.repo.deadline import (
     DEFAULT_COMMIT_DEADLINE,
     TIMESTAMP_RESOLUTION,
@@ -64,6 +75,7 @@ __all__ = ["DEFAULT_GRACE", "TIMESTAMP_RESOLUTION", "GcReport", "GcStopped", "Gr
 log = logging.getLogger("glide.gc")
 
 DEFAULT_GRACE = 3600.0
+MARKER_REREAD = 1.0  # < glide.replication.step.MARKER_SETTLE
 
 
 class GcStopped(GlideError):
@@ -96,10 +108,10 @@ class GcReport:
 
 
 def live_roots(store: ObjectStore) -> list[Root]:
-    """Every volume's root and every snapshot's."""
+    """Every volume's root, every snapshot's and every replication pin's."""
     roots = []
     for info in store.list(VOLUME_PREFIX):
-        snap = parse_snapshot_key(info.key)
+        snap = parse_snapshot_key(info.key) or parse_pin_key(info.key)
         if snap is not None:
             volume = snap[0]
         elif info.key.endswith("/root") and info.key.count("/") == 2:
@@ -114,6 +126,37 @@ def live_roots(store: ObjectStore) -> list[Root]:
     return roots
 
 
+class StepMarkers:
+    """The keys replication steps into this store have announced (their
+    markers), re-read when they change."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+        self.keys: set[str] = set()
+        self._seen: dict[str, str] = {}  # marker key -> etag
+        self._read_at = 0.0
+
+    def refresh(self) -> set[str]:
+        """Re-lists the markers; returns keys that became live since the last call."""
+        new: set[str] = set()
+        for info in self.store.list(VOLUME_PREFIX):
+            if parse_marker_key(info.key) is None or self._seen.get(info.key) == info.etag:
+                continue
+            try:
+                body = decode_marker(self.store.get(info.key))
+            except NotFound:
+                continue  # the step published its root and removed the marker
+            self._seen[info.key] = info.etag
+            added = set(body["keys"]) - self.keys
+            self.keys |= added
+            new |= added
+        self._read_at = time.monotonic()
+        return new
+
+    def due(self) -> bool:
+        return time.monotonic() - self._read_at >= MARKER_REREAD
+
+
 def collect_garbage(store: ObjectStore, *, grace: float = DEFAULT_GRACE,
                     commit_deadline: float = DEFAULT_COMMIT_DEADLINE,
                     dry_run: bool = False) -> GcReport:
@@ -126,8 +169,10 @@ def collect_garbage(store: ObjectStore, *, grace: float = DEFAULT_GRACE,
     roots_read = deadline_clock()  # before: the bound counts from the oldest root
     cutoff = started - timedelta(seconds=grace + TIMESTAMP_RESOLUTION)
     max_run = deletion_window(grace, commit_deadline)
+    markers = StepMarkers(store)
+    markers.refresh()
     roots = live_roots(store)
-    reachable: set[str] = set()
+    reachable: set[str] = set(markers.keys)
     for root in roots:
         reachable |= reachable_keys(store, root)
     report.roots, report.reachable = len(roots), len(reachable)
@@ -141,6 +186,11 @@ def collect_garbage(store: ObjectStore, *, grace: float = DEFAULT_GRACE,
                 report.kept_young += 1
                 report.kept_young_bytes += info.size
                 continue
+            if markers.due():
+                reachable |= markers.refresh()
+                if info.key in reachable:
+                    report.kept_reachable += 1
+                    continue
             if not dry_run:
                 ran = deadline_clock() - roots_read
                 if ran > max_run:

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 from glide.config import check_name
 from glide.errors import Conflict, GlideError, InvalidRequest, NoSuchVolume, VolumeBusy
 from glide.histogram import Histogram
+from glide.replication.pins import list_pins
 from glide.repo.manifest import Fenced, Root, root_key
 from glide.repo.snapshots import (
     Snapshot,
@@ -291,6 +292,13 @@ class SnapshotCoordinator:
         if (volume, name) in self.active:
             raise Conflict(f"snapshot {volume}@{name} is being taken; delete it once it has "
                            "committed or failed")
+        pins = [p for p in await asyncio.to_thread(list_pins, self.store, volume)
+                if p.snapshot == name]
+        if pins:
+            raise Conflict(f"snapshot {volume}@{name} is pinned by replication job "
+                           + ", ".join(f"{p.job} ({p.reason})" for p in pins)
+                           + "; it goes once the job no longer needs it (or remove the job "
+                           "from the config)")
         try:
             await asyncio.to_thread(delete_snapshot, self.store, volume, name)
         except NoSuchVolume:
@@ -439,6 +447,7 @@ class SnapshotCoordinator:
                     if time.time() - last[name] < every:
                         continue
                     await self.create(name, default_name(e.vc.snapshot_prefix))
+                    self.control.replication.snapshot_taken(name)
                     last[name] = time.time()
                 except Exception as err:  # noqa: BLE001 - logged; the schedule goes on
                     log.error("scheduled snapshot of %s failed: %s; retrying later", name, err)

@@ -403,6 +403,11 @@ def decode_inner(body: bytes, level: int, index: int, slots: int) -> list[bytes 
 
 def _fetch_node(store: ObjectStore, digest: bytes, kind: int) -> bytes:
     """A node's body, after checking the bytes hash to the key they came from."""
+    return fetch_node_sized(store, digest, kind)[1]
+
+
+def fetch_node_sized(store: ObjectStore, digest: bytes, kind: int) -> tuple[int, bytes]:
+    """A node object's size and body, checked like `_fetch_node`'s."""
     key = node_object_key(digest)
     try:
         data = store.get(key)
@@ -412,7 +417,7 @@ def _fetch_node(store: ObjectStore, digest: bytes, kind: int) -> bytes:
     if xxhash.xxh3_128_digest(data) != digest:
         raise FormatError(f"manifest node {key}: content does not hash to its key")
     try:
-        return decode_node(data, kind)
+        return len(data), decode_node(data, kind)
     except FormatError as e:
         raise FormatError(f"manifest node {key}: {e}") from None
 

@@ -1,0 +1,1 @@
+"""Replication of snapshots to a second store: jobs, steps, pins, pruning."""
