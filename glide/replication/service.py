@@ -66,10 +66,11 @@ from glide.repo.snapshots import (
     list_snapshots,
     load_snapshot,
     parse_snapshot_key,
+    snapshot_key,
     snapshot_prefix,
 )
 from glide.store import LocalDirStore, ObjectStore
-from glide.store.base import StoreError, StoreUnavailable, StoreUnsafe
+from glide.store.base import NotFound, StoreError, StoreUnavailable, StoreUnsafe
 from glide.store.metered import MeteredStore
 
 if TYPE_CHECKING:
@@ -95,7 +96,6 @@ def is_permanent(err: BaseException) -> bool:
         return True
     if isinstance(err, StoreError) and not isinstance(err, StoreUnavailable):
         # Auth refused, a missing bucket, a bad request: the store's verdict.
-        from glide.store.base import NotFound
         return not isinstance(err, NotFound)
     return False
 
@@ -407,17 +407,34 @@ class ReplicationService:
         job = rt.cfg.name
         snaps = list_snapshots(source, volume)
         tgt_names = self._target_names(target, volume)
-        base = next((s for s in reversed(snaps) if s.name in tgt_names), None)
 
         def created(s: Snapshot) -> float:
             return float(s.info.get("created_unix") or 0.0)
 
-        todo = [s for s in snaps if s.name not in tgt_names
-                and (base is None or created(s) > created(base))]
+        def same_there(s: Snapshot) -> bool:
+            """The target's snapshot of that name is this one (a foreign
+            writer's, or an old source's, is not a base and is never
+            overwritten)."""
+            try:
+                there = target.get(snapshot_key(volume, s.name))
+            except NotFound:
+                return False
+            if there != s.root.encode():
+                raise TargetConflict(f"the target already holds a different snapshot named "
+                                     f"{volume}@{s.name}; not overwriting it")
+            return True
+
+        base = next((s for s in reversed(snaps) if s.name in tgt_names and same_there(s)),
+                    None)
+        todo = [s for s in snaps if base is None or created(s) > created(base)]
         vs.snapshots_behind = len(todo)
         for snap in todo:
             if cancel.is_set():
                 raise StepCancelled("replication run cancelled")
+            if snap.name in tgt_names and same_there(snap):
+                base = snap  # published by a step whose end we did not see
+                vs.snapshots_behind -= 1
+                continue
             set_pin(source, job, snap, REASON_STEP)
             base_there = load_snapshot(target, volume, base.name) if base is not None else None
             vs.progress = StepProgress()

@@ -102,12 +102,14 @@ def decode_marker(data: bytes) -> dict:
 
 class RateLimiter:
     """A token bucket shared by a job's copy threads: at most `rate` bytes a
-    second on average, bursts of up to one second's worth."""
+    second on average, bursts of up to one second's worth. An object larger
+    than that (a 16 MiB pack) waits for a full bucket and leaves a debt the
+    next ones wait out, so the average holds whatever the object sizes."""
 
     def __init__(self, rate: int | None) -> None:
         self.rate = rate
         self._lock = threading.Lock()
-        self._tokens = float(rate or 0)
+        self._tokens = 0.0
         self._at = time.monotonic()
 
     def take(self, n: int, cancelled: Callable[[], bool]) -> None:

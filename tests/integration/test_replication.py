@@ -6,12 +6,14 @@ fault proxy; a fresh daemon on the target restores a clone bit-exact.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from test_snapshots import api, cli, image_sha, scrape, snapshot, write_random
+from test_snapshots import api, cli, image_sha, run_gc, scrape, snapshot, write_random
 
 from glide.repo.reach import reachable_keys
 from glide.repo.snapshots import list_snapshots
@@ -115,3 +117,170 @@ def test_dir_to_dir_incremental_and_restore_bit_exact(daemon_factory, tmp_short:
     cli(r, "volume", "clone", "vol0@s2", "back2")
     assert image_sha(r.uri("back1"), tmp_short) == sha1
     assert image_sha(r.uri("back2"), tmp_short) == sha2
+
+
+def wait_step(d: Daemon, job: str, objects: int, timeout: float = 60) -> dict:
+    """The job's step once it has done `objects` objects."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for v in job_view(d, job)["volumes"]:
+            step = v.get("step")
+            if step and step["phase"] == "copying" and step["objects_done"] >= objects:
+                return step
+        time.sleep(0.1)
+    raise AssertionError(f"no step of {job} reached {objects} objects: {job_view(d, job)}")
+
+
+def object_files(root: Path) -> dict[str, tuple[int, int]]:
+    """Every object file under a local store: path -> (inode, mtime_ns). A
+    LocalDirStore PUT writes a new file and renames it into place, so a
+    second copy of an object shows as a new inode."""
+    return {str(p.relative_to(root)): (p.stat().st_ino, p.stat().st_mtime_ns)
+            for p in root.rglob("*") if p.is_file() and "#" not in p.name[-1:]}
+
+
+def test_kill9_mid_step_resumes_without_copying_anything_twice(daemon_factory,
+                                                               tmp_short: Path) -> None:
+    target = tmp_short / "offsite"
+    cfg = config(tmp_short, dir_job("offsite", target, more='bandwidth = "6M"\nconcurrency = 2'))
+    d = daemon_factory(volumes=[("vol0", 64 * MiB)], extra_args=["--config", str(cfg)])
+    write_random(d.uri(), tmp_short, 40 * MiB, 3)  # three packs: the first goes, then a wait
+    snapshot(d, "vol0", "s1")
+    sha = image_sha(d.uri(), tmp_short)
+    cli(d, "replication", "run", "offsite", "--no-wait")
+    wait_step(d, "offsite", 1)
+    d.kill9()
+    before = {k: v for k, v in object_files(target).items() if k.startswith(("packs", "nodes"))}
+    assert before, "the step had copied nothing before the kill"
+    tgt = LocalDirStore(target)
+    assert target_snapshots(tgt, "vol0") == []  # not published: the root comes last
+
+    d.start()
+    view = json.loads(cli(d, "replication", "run", "offsite", "--json").stdout)
+    assert view["state"] == "idle", view
+    assert target_snapshots(tgt, "vol0") == ["s1"]
+    after = object_files(target)
+    rewritten = [k for k, v in before.items() if after.get(k) != v]
+    assert rewritten == [], f"copied again after the restart: {rewritten}"
+    for key in reachable_keys(tgt, list_snapshots(tgt, "vol0")[0].root):
+        tgt.head(key)
+    # The step marker is gone once the root is published.
+    assert not [k for k in after if "replicating" in k]
+    r = daemon_factory(volumes=[("scratch", 4 * MiB)], extra_args=[
+        "--config", str(config(tmp_short / "..", "", f'[store]\npath = "{target}"\n'))])
+    cli(r, "volume", "clone", "vol0@s1", "back")
+    assert image_sha(r.uri("back"), tmp_short) == sha
+
+
+def test_target_gc_racing_a_step_keeps_what_the_step_needs(daemon_factory,
+                                                          tmp_short: Path) -> None:
+    """GC on the target runs with every object aged past its grace while a
+    step copies: the marker keeps what the step has copied and found, and
+    the published snapshot reaches only present objects."""
+    target = tmp_short / "offsite"
+    cfg = config(tmp_short, dir_job("offsite", target, more='bandwidth = "8M"'))
+    d = daemon_factory(volumes=[("vol0", 64 * MiB)], extra_args=["--config", str(cfg)])
+    write_random(d.uri(), tmp_short, 4 * MiB, 4)
+    snapshot(d, "vol0", "s1")
+    run_job(d, "offsite")
+    write_random(d.uri(), tmp_short, 40 * MiB, 5)
+    snapshot(d, "vol0", "s2")
+    sha = image_sha(d.uri(), tmp_short)
+    cli(d, "replication", "run", "offsite", "--no-wait")
+    wait_step(d, "offsite", 1)
+    out = run_gc(target)
+    assert "deleted 0" in out, out
+    run_job(d, "offsite")
+    tgt = LocalDirStore(target)
+    assert target_snapshots(tgt, "vol0") == ["s1", "s2"]
+    for snap in list_snapshots(tgt, "vol0"):
+        for key in reachable_keys(tgt, snap.root):
+            tgt.head(key)
+    # With the step done and s1 deleted on the target, GC can collect what
+    # only s1 reached; s2 stays whole.
+    r = daemon_factory(volumes=[("scratch", 4 * MiB)], extra_args=[
+        "--config", str(config(tmp_short / "..", "", f'[store]\npath = "{target}"\n'))])
+    cli(r, "volume", "clone", "vol0@s2", "back")
+    assert image_sha(r.uri("back"), tmp_short) == sha
+
+
+def test_foreign_objects_on_the_target_are_left_alone_and_a_name_clash_stops_the_job(
+        daemon_factory, tmp_short: Path) -> None:
+    target = tmp_short / "offsite"
+    tgt = LocalDirStore(target)
+    foreign = {"README": b"not ours", "packs/not-a-pack": b"x" * 100,
+               "volumes/other/root": b"someone else's", "volumes/vol0/snapshots/s2": b"clash"}
+    for key, data in foreign.items():
+        tgt.put(key, data)
+    cfg = config(tmp_short, dir_job("offsite", target))
+    d = daemon_factory(volumes=[("vol0", 64 * MiB)], extra_args=["--config", str(cfg)])
+    write_random(d.uri(), tmp_short, 2 * MiB, 6)
+    snapshot(d, "vol0", "s1")
+    run_job(d, "offsite")
+    write_random(d.uri(), tmp_short, 1 * MiB, 7)
+    snapshot(d, "vol0", "s2")
+    r = run_job(d, "offsite", check=False)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    view = job_view(d, "offsite")
+    assert view["state"] == "failed" and view["error_kind"] == "permanent", view
+    assert "different snapshot named vol0@s2" in view["last_error"]
+    assert "stopped; fix the cause" in r.stdout
+    for key, data in foreign.items():
+        assert tgt.get(key) == data, key
+    metrics = scrape(d)
+    assert metrics[("glidefs_replication_job_failed", (("job", "offsite"),))] == 1
+    # The operator removes the clash; a run resumes the job.
+    tgt.delete("volumes/vol0/snapshots/s2")
+    run_job(d, "offsite")
+    assert target_snapshots(tgt, "vol0") == ["s1", "s2"]
+    assert job_view(d, "offsite")["state"] == "idle"
+
+
+def test_pruning_both_sides_with_dry_run_and_pins(daemon_factory, tmp_short: Path) -> None:
+    target = tmp_short / "offsite"
+    more = ('keep_source = [{ type = "not_replicated" }, { type = "last_n", count = 2 }]\n'
+            'keep_target = [{ type = "last_n", count = 3 }, { type = "regex", regex = "^keep-" }]')
+    cfg = config(tmp_short, dir_job("offsite", target, more=more))
+    d = daemon_factory(volumes=[("vol0", 64 * MiB)], extra_args=["--config", str(cfg)])
+    names = ["keep-a", "b", "c", "d", "e"]
+    for i, name in enumerate(names):
+        write_random(d.uri(), tmp_short, 256 << 10, 10 + i)
+        snapshot(d, "vol0", name)
+        time.sleep(0.01)
+    # Before any replication nothing is replicated: not_replicated keeps all.
+    dry = cli(d, "replication", "prune", "offsite", "--dry-run").stdout
+    assert "would destroy" not in dry.split("on the target")[0], dry
+    run_job(d, "offsite")
+    tgt = LocalDirStore(target)
+    src = [s["name"] for s in api(d, "GET", "/v1/volumes/vol0/snapshots")[1]["snapshots"]
+           if s["state"] == "committed"]
+    assert src == ["d", "e"], src  # last_n 2; e is also the pinned base
+    assert target_snapshots(tgt, "vol0") == ["keep-a", "c", "d", "e"]
+    dry = json.loads(cli(d, "replication", "prune", "offsite", "--dry-run", "--json").stdout)
+    rows = {r["snapshot"]: r for r in dry["volumes"][0]["source"]}
+    assert rows["e"]["keep"] and "pinned by job offsite (incremental base)" in rows["e"]["kept_by"]
+    trows = {r["snapshot"]: r for r in dry["volumes"][0]["target"]}
+    assert trows["keep-a"]["kept_by"] == ["regex ^keep-"], trows
+    text = cli(d, "replication", "prune", "offsite", "--dry-run").stdout
+    assert "keep" in text and "last_n 3" in text
+
+
+def test_job_config_errors_are_clear(tmp_short: Path) -> None:
+    bad = {
+        'target = "relative/dir"\nvolumes = ["v"]': "must be an absolute path",
+        'target = "/x"': "name the volumes it copies",
+        'target = "/x"\nvolumes = ["v"]\nkeep_source = []': "would destroy every snapshot",
+        'target = "/x"\nvolumes = ["v"]\nkeep_target = [{ type = "not_replicated" }]':
+            "not_replicated",
+        'target = "/x"\nvolumes = ["v"]\nbandwidth = "1K"': "bandwidth must be at least",
+        'target = "s3://b/p"\nvolumes = ["v"]\ncredentials_file = "/nonexistent"':
+            "credentials_file",
+        'target = "/x"\nvolumes = ["v"]\nendpoint_url = "http://x"': "s3:// target only",
+        'target = "/x"\nvolumes = ["v"]\nbogus = 1': "unknown keys",
+    }
+    for body, message in bad.items():
+        path = tmp_short / "bad.toml"
+        path.write_text(f'[[replication]]\nname = "j"\n{body}\n')
+        r = subprocess.run([*GLIDEFS, "serve", "--config", str(path), "--data-dir",
+                            str(tmp_short / "d")], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and message in r.stderr, (body, r.returncode, r.stderr)
