@@ -24,7 +24,8 @@ from glide.replication.prune import Rule, parse_rules
 JOB_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _KEYS = {"name", "volumes", "volume_regex", "target", "endpoint_url", "region", "profile",
          "credentials_file", "addressing_style", "interval", "after_snapshot", "bandwidth",
-         "concurrency", "watchdog", "verify", "keep_source", "keep_target"}
+         "concurrency", "watchdog", "verify", "keep_source", "keep_target",
+         "connect_timeout", "read_timeout", "max_attempts"}
 
 
 @dataclass
@@ -116,7 +117,8 @@ def _load_job(raw: dict, i: int, path: Path) -> ReplicationJobConfig:
         raise ConfigError(f"{what}: target: {e}") from None
     if target.kind == "local" and target.path is not None and not target.path.is_absolute():
         raise ConfigError(f"{what}: target directory {url!r} must be an absolute path")
-    s3_only = {"endpoint_url", "region", "profile", "credentials_file", "addressing_style"}
+    s3_only = {"endpoint_url", "region", "profile", "credentials_file", "addressing_style",
+               "connect_timeout", "read_timeout", "max_attempts"}
     if target.kind == "local" and s3_only & set(raw):
         raise ConfigError(f"{what}: {sorted(s3_only & set(raw))} apply to an s3:// target only")
     target.endpoint_url = raw.get("endpoint_url") or None
@@ -124,6 +126,15 @@ def _load_job(raw: dict, i: int, path: Path) -> ReplicationJobConfig:
     target.addressing_style = str(raw.get("addressing_style", "auto"))
     if target.addressing_style not in ("auto", "virtual", "path"):
         raise ConfigError(f"{what}: addressing_style must be auto, virtual or path")
+    if "connect_timeout" in raw:
+        target.connect_timeout = parse_duration(raw["connect_timeout"], f"{what}: connect_timeout")
+    if "read_timeout" in raw:
+        target.read_timeout = parse_duration(raw["read_timeout"], f"{what}: read_timeout")
+    if "max_attempts" in raw:
+        n = raw["max_attempts"]
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 20:
+            raise ConfigError(f"{what}: max_attempts must be an integer 1-20")
+        target.max_attempts = n
     job = ReplicationJobConfig(name=name, target=target, target_url=url)
     volumes = raw.get("volumes", [])
     if not isinstance(volumes, list) or not all(isinstance(v, str) for v in volumes):

@@ -455,7 +455,10 @@ class ReplicationService:
                      vs.progress.bytes_sent, base.name if base else "nothing")
             base = snap
             vs.snapshots_behind -= 1
-        # The base is the only pin a finished run keeps.
+        # The base is the only pin a finished run keeps. Not from a run told
+        # to stop: a successor (handoff) may already have pinned its own step.
+        if cancel.is_set():
+            raise StepCancelled("replication run cancelled")
         for pin in list_pins(source, volume):
             if pin.job == job and (base is None or pin.snapshot != base.name):
                 release_pin(source, volume, job, pin.snapshot)
