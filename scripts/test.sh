@@ -6,7 +6,7 @@ set -euo pipefail
 . "$(dirname "$0")/bootstrap.sh"
 ensure_build_deps
 # Real clients and peers (testing.md), clang for libFuzzer and sanitizers.
-ensure_apt qemu-utils libnbd-bin python3-libnbd nbdkit fio clang libclang-rt-14-dev qemu-system-x86 nbd-client e2fsprogs zstd curl systemd
+ensure_apt qemu-utils libnbd-bin python3-libnbd nbdkit fio clang libclang-rt-14-dev qemu-system-x86 nbd-client e2fsprogs zstd curl systemd rclone
 ensure_venv test
 cd "$REPO_ROOT"
 echo "== ruff" >&2

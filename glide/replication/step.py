@@ -187,6 +187,7 @@ class ReplicationStep:
         self.progress = progress or StepProgress()
         self.progress.snapshot = snap.name
         self.delta: Delta | None = None
+        self.marker_at = 0.0
 
     def _check(self) -> None:
         if self.cancel.is_set():
@@ -204,7 +205,7 @@ class ReplicationStep:
         self._check()
         key = marker_key(self.snap.volume, self.job)
         self.target.put(key, encode_marker(self.job, self.snap, delta.keys()))
-        time.sleep(MARKER_SETTLE)
+        self.marker_at = time.monotonic()
         p.phase = "copying"
         for batch in delta.batches():
             self._copy_batch(batch)
@@ -233,18 +234,28 @@ class ReplicationStep:
                 wait(pending)
                 raise failed[0].exception()  # type: ignore[misc]
 
+    def _present(self, key: str, size: int) -> bool:
+        """The target has the object, and will keep it: a HEAD is trusted
+        only once every GC that could have missed the marker has re-read it."""
+        try:
+            if self.target.head(key).size != size:
+                return False
+            wait_for = self.marker_at + MARKER_SETTLE - time.monotonic()
+            if wait_for <= 0:
+                return True
+            time.sleep(wait_for)
+            return self.target.head(key).size == size
+        except NotFound:
+            return False
+
     def _copy_one(self, key: str, size: int) -> None:
         self._check()
         p = self.progress
-        try:
-            info = self.target.head(key)
-            if info.size == size:
-                p.bytes_done += size
-                p.objects_done += 1
-                p.touch()
-                return
-        except NotFound:
-            pass
+        if self._present(key, size):
+            p.bytes_done += size
+            p.objects_done += 1
+            p.touch()
+            return
         data = self.source.get(key)
         if not _content_ok(key, data):
             raise CorruptData(f"source object {key} does not hash to its key; not copied")

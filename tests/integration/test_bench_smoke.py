@@ -154,3 +154,19 @@ def test_snapshot_bench_quick(tmp_short: Path) -> None:
         assert r["dirty_bytes"] >= int(backlog) << 20, r
         assert 0 < r["freeze"] < r["naive"] and 0 < r["freeze_daemon"], r
     assert "| backlog | dirty at start | freeze window" in proc.stdout
+
+
+def test_replication_bench_quick(tmp_short: Path) -> None:
+    """bench/replication_bench.py --quick end to end: a full step and rclone
+    copy measured in the same run, and an incremental step that sends about
+    the compressed change (no timing is judged)."""
+    out = tmp_short / "replication.json"
+    cmd = [sys.executable, str(REPO / "bench" / "replication_bench.py"), "--quick",
+           "--dir", str(tmp_short / "work"), "--json", str(out)]
+    proc = _run_bench(cmd, tmp_short, timeout=300)
+    doc = json.loads(out.read_text())
+    (r,) = doc["rounds"]
+    assert r["glidefs"] > 0 and r["rclone"] > 0 and r["bytes_sent"] >= doc["store_bytes"] // 2
+    inc = doc["incremental"]
+    assert 0 < inc["new_pack_bytes"] <= inc["bytes_sent"] < 2 * inc["new_pack_bytes"], inc
+    assert "| glidefs replication step |" in proc.stdout

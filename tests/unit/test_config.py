@@ -228,3 +228,23 @@ def test_snapshot_settings(tmp_path: Path) -> None:
         p.write_text(bad)
         with pytest.raises(ConfigError, match=re.escape(why)):
             load_file(p)
+
+
+def test_example_replication_job_parses_when_uncommented(tmp_path: Path) -> None:
+    """The commented [[replication]] example in deploy/glidefs.toml is a
+    valid job once uncommented (its credentials file aside)."""
+    example = Path(__file__).resolve().parents[2] / "deploy" / "glidefs.toml"
+    text = example.read_text()
+    block = text[text.index("# [[replication]]"):]
+    creds = tmp_path / "offsite.credentials"
+    creds.write_text("[offsite]\naws_access_key_id = a\naws_secret_access_key = b\n")
+    uncommented = "\n".join(line.removeprefix("# ") for line in block.splitlines())
+    p = tmp_path / "c.toml"
+    p.write_text(uncommented.replace("/etc/glidefs/offsite.credentials", str(creds)))
+    (job,) = load_file(p).replication
+    assert job.name == "offsite" and job.target.kind == "s3" and job.target.bucket == "backups"
+    assert job.bandwidth == 50 << 20 and job.interval == 900 and job.watchdog == 300
+    assert job.matches("db1") and not job.matches("vm1")
+    assert job.credentials() == ("a", "b")
+    assert [r.describe() for r in job.keep_source or []] == ["not_replicated",
+                                                              "last_n 48 ^hourly-"]
