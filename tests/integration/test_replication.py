@@ -284,3 +284,40 @@ def test_job_config_errors_are_clear(tmp_short: Path) -> None:
         r = subprocess.run([*GLIDEFS, "serve", "--config", str(path), "--data-dir",
                             str(tmp_short / "d")], capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and message in r.stderr, (body, r.returncode, r.stderr)
+
+
+def test_source_pruning_and_gc_racing_a_step_keep_its_snapshot(daemon_factory,
+                                                              tmp_short: Path) -> None:
+    """While a step copies s2, the operator prunes the source down to one
+    snapshot and GC runs on the source with everything aged: the pin keeps
+    s2 and what it reaches, and the step publishes it whole."""
+    target = tmp_short / "offsite"
+    more = 'bandwidth = "8M"\nkeep_source = [{ type = "last_n", count = 1 }]'
+    cfg = config(tmp_short, dir_job("offsite", target, more=more))
+    d = daemon_factory(volumes=[("vol0", 64 * MiB)], extra_args=["--config", str(cfg)])
+    write_random(d.uri(), tmp_short, 1 * MiB, 50)
+    snapshot(d, "vol0", "s1")
+    run_job(d, "offsite")
+    write_random(d.uri(), tmp_short, 40 * MiB, 51)
+    snapshot(d, "vol0", "s2")
+    sha2 = image_sha(d.uri(), tmp_short)
+    write_random(d.uri(), tmp_short, 1 * MiB, 52)
+    snapshot(d, "vol0", "s3")
+    cli(d, "replication", "run", "offsite", "--no-wait")
+    wait_step(d, "offsite", 1)
+    pins = {p["snapshot"]: p["reason"] for p in status(d, pins=True)["pins"]}
+    assert pins.get("s2") == "in-flight step" and pins.get("s1") == "incremental base", pins
+    pruned = json.loads(cli(d, "replication", "prune", "offsite", "--json").stdout)
+    kept = {r["snapshot"] for r in pruned["volumes"][0]["source"] if r["keep"]}
+    assert kept == {"s1", "s2", "s3"}, pruned  # two pins and last_n 1
+    run_gc(d.data_dir / "store")
+    run_job(d, "offsite")
+    tgt = LocalDirStore(target)
+    assert target_snapshots(tgt, "vol0") == ["s1", "s2", "s3"]
+    # The run pruned again: only s3 (last_n 1, and now the base) is left.
+    src = [s["name"] for s in api(d, "GET", "/v1/volumes/vol0/snapshots")[1]["snapshots"]]
+    assert src == ["s3"], src
+    r = daemon_factory(volumes=[("scratch", 4 * MiB)], extra_args=[
+        "--config", str(config(tmp_short / "..", "", f'[store]\npath = "{target}"\n'))])
+    cli(r, "volume", "clone", "vol0@s2", "back")
+    assert image_sha(r.uri("back"), tmp_short) == sha2

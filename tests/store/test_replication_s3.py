@@ -233,3 +233,37 @@ def test_status_cli_shows_progress_lag_and_pins(daemon_factory, tmp_short: Path,
     assert out.returncode == 0, out.stderr
     assert "job offsite -> s3://" in out.stdout and "idle" in out.stdout
     assert "vol0" in out.stdout and "s1" in out.stdout and "incremental base" in out.stdout
+
+
+def test_source_pruning_goes_on_while_the_target_is_down(
+        daemon_factory, tmp_short: Path, moto_endpoint: str, creds: Path,
+        proxy: StoreProxy) -> None:
+    """With the target unreachable, a run still prunes the source: what the
+    base pin says was replicated can go, what the target may lack stays."""
+    prefix = f"down-{uuid.uuid4().hex[:8]}"
+    cfg = tmp_short / "glidefs.toml"
+    cfg.write_text(job_toml("offsite", f"s3://{BUCKET}/{prefix}", proxy.url, creds,
+                            'keep_source = [{ type = "not_replicated" }, '
+                            '{ type = "last_n", count = 1 }]'))
+    d = daemon_factory(volumes=[("vol0", 64 * MiB)], extra_args=["--config", str(cfg)])
+    for i in range(2):
+        write_random(d.uri(), tmp_short, 256 << 10, 60 + i)
+        snapshot(d, "vol0", f"s{i}")
+        time.sleep(0.01)
+    run_until_idle(d, "offsite")
+    proxy.set_mode("error", status=503)
+    for i in range(2, 4):
+        write_random(d.uri(), tmp_short, 256 << 10, 60 + i)
+        snapshot(d, "vol0", f"s{i}")
+        time.sleep(0.01)
+    r = cli(d, "replication", "run", "offsite", check=False)
+    assert r.returncode == 1
+    view = job(d, "offsite")
+    assert view["state"] == "retrying" and view["error_kind"] == "temporary", view
+    names = [s["name"] for s in api(d, "GET", "/v1/volumes/vol0/snapshots")[1]["snapshots"]]
+    # s0: replicated, no rule keeps it; s1: the pinned base; s2, s3: not replicated.
+    assert names == ["s1", "s2", "s3"], names
+    proxy.set_mode("pass")
+    run_until_idle(d, "offsite")
+    names = [s["name"] for s in api(d, "GET", "/v1/volumes/vol0/snapshots")[1]["snapshots"]]
+    assert names == ["s3"], names
