@@ -22,6 +22,7 @@ Keeps:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from glide.repo.manifest.format import (
@@ -72,9 +73,11 @@ def _same_shape(a: Root, b: Root) -> bool:
 
 
 def plan_delta(source: ObjectStore, snap: Root, target: ObjectStore, base: Root | None, *,
-               workers: int = DEFAULT_WORKERS) -> Delta:
+               workers: int = DEFAULT_WORKERS,
+               touch: Callable[[], None] = lambda: None) -> Delta:
     """What `snap` reaches that `base` (on `target`) does not, position by
-    position. With no base, everything `snap` reaches."""
+    position. With no base, everything `snap` reaches. `touch` is called
+    for every node read: progress, for a watchdog."""
     geo = snap.geometry
     fanout, levels = geo.fanout, geo.levels
     delta = Delta(levels=[{} for _ in range(levels + 1)])
@@ -103,6 +106,7 @@ def plan_delta(source: ObjectStore, snap: Root, target: ObjectStore, base: Root 
                                                                      list[bytes | None]]:
             index, digest = item
             data_len, body = fetch_node_sized(source, digest, KIND_INNER)
+            touch()
             children = decode_inner(body, lvl, index, geo.slots(lvl, index))
             old = base_at.get((lvl, index))
             old_children: list[bytes | None] = []
@@ -135,6 +139,7 @@ def plan_delta(source: ObjectStore, snap: Root, target: ObjectStore, base: Root 
     def leaf(item: tuple[int, bytes]) -> tuple[int, list[tuple[str, int, int]], set[str]]:
         leaf_no, digest = item
         size, body = fetch_node_sized(source, digest, KIND_LEAF)
+        touch()
         packs = _decode_leaf(body, digest, leaf_no, geo.leaf_span, geo.leaf_limit(leaf_no))
         old = base_at.get((0, leaf_no))
         old_packs: set[str] = set()

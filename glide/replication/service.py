@@ -59,6 +59,8 @@ from glide.replication.step import (
     StepCancelled,
     StepProgress,
     TargetConflict,
+    ledger_prefix,
+    write_ledger,
 )
 from glide.repo.snapshots import (
     Snapshot,
@@ -422,6 +424,9 @@ class ReplicationService:
             if there != s.root.encode():
                 raise TargetConflict(f"the target already holds a different snapshot named "
                                      f"{volume}@{s.name}; not overwriting it")
+            # Ours: a step published it (its ledger entry may have been
+            # lost with the step that wrote the root).
+            write_ledger(target, job, volume, s.name)
             return True
 
         base = next((s for s in reversed(snaps) if s.name in tgt_names and same_there(s)),
@@ -437,22 +442,23 @@ class ReplicationService:
                 continue
             set_pin(source, job, snap, REASON_STEP)
             base_there = load_snapshot(target, volume, base.name) if base is not None else None
-            vs.progress = StepProgress()
+            # Local: after a watchdog, a newer run may own vs.progress.
+            vs.progress = progress = StepProgress()
             vs.state = "copying"
             step = ReplicationStep(job, source, target, snap, base_there,
                                    concurrency=rt.cfg.concurrency, limiter=rt.limiter,
-                                   verify=rt.cfg.verify, cancel=cancel, progress=vs.progress)
+                                   verify=rt.cfg.verify, cancel=cancel, progress=progress)
             try:
                 step.run()
             finally:
-                rt.bytes_sent += vs.progress.bytes_sent
+                rt.bytes_sent += progress.bytes_sent
             rt.steps["ok"] += 1
             set_pin(source, job, snap, REASON_BASE)
             tgt_names.add(snap.name)
             log.info("replicated %s@%s to %s: %d of %d objects copied, %d bytes sent "
                      "(incremental on %s)", volume, snap.name, rt.cfg.name,
-                     vs.progress.objects_copied, vs.progress.objects_expected,
-                     vs.progress.bytes_sent, base.name if base else "nothing")
+                     progress.objects_copied, progress.objects_expected,
+                     progress.bytes_sent, base.name if base else "nothing")
             base = snap
             vs.snapshots_behind -= 1
         # The base is the only pin a finished run keeps. Not from a run told
@@ -513,17 +519,20 @@ class ReplicationService:
             if report is not None:
                 report.held_back = held
         if rt.cfg.keep_target is not None and target is not None:
+            # Only what this job published there (its ledger): a target may
+            # hold other writers' snapshots of a volume of the same name.
             cache = rt.target_created.setdefault(volume, {})
-            names = sorted(tgt_names if tgt_names is not None
-                           else self._target_names(target, volume))
+            ledger = ledger_prefix(volume, rt.cfg.name)
             cands = []
-            for name in names:
+            for info in target.list(ledger):
+                name = info.key[len(ledger):]
                 if name not in cache:
                     try:
                         snap = load_snapshot(target, volume, name)
                         cache[name] = float(snap.info.get("created_unix") or 0.0)
-                    except GlideError:
-                        continue  # gone, or not ours to judge
+                    except NoSuchVolume:
+                        target.delete(info.key)  # deleted by hand: forget it
+                        continue
                 cands.append(PruneCandidate(name, cache[name]))
             decisions = plan_prune(rt.cfg.keep_target, cands, now)
             rows = []
@@ -535,6 +544,7 @@ class ReplicationService:
                 rows.append({"snapshot": d.name, "keep": keep, "kept_by": kept_by})
                 if not keep and not dry_run:
                     delete_snapshot(target, volume, d.name)
+                    target.delete(ledger + d.name)
                     cache.pop(d.name, None)
                     log.info("pruned %s@%s on the target of job %s (no rule keeps it)",
                              volume, d.name, rt.cfg.name)

@@ -45,6 +45,7 @@ from glide.repo.snapshots import Snapshot, decode_snapshot, snapshot_key
 from glide.store.base import NotFound, ObjectStore, PreconditionFailed
 
 MARKER_DIR = "replicating"
+LEDGER_DIR = "replicated"
 MARKER_SETTLE = 2.0  # > GC's marker re-read interval (glide/repo/gc.py)
 
 
@@ -78,6 +79,17 @@ def parse_marker_key(key: str) -> tuple[str, str] | None:
     if len(parts) != 3 or parts[1] != MARKER_DIR:
         return None
     return parts[0], parts[2]
+
+
+def ledger_prefix(volume: str, job: str) -> str:
+    return f"{VOLUME_PREFIX}{volume}/{LEDGER_DIR}/{job}/"
+
+
+def write_ledger(target: ObjectStore, job: str, volume: str, snapshot: str) -> None:
+    """Records on the target that `job` published this snapshot there: the
+    job prunes only what it published, never a foreign writer's."""
+    target.put(ledger_prefix(volume, job) + snapshot,
+               json.dumps({"job": job, "published_unix": round(time.time(), 3)}).encode())
 
 
 def encode_marker(job: str, snap: Snapshot, keys: list[str]) -> bytes:
@@ -199,7 +211,7 @@ class ReplicationStep:
         p.phase = "planning"
         base_root = self.base.root if self.base is not None else None
         self.delta = delta = plan_delta(self.source, self.snap.root, self.target, base_root,
-                                        workers=DEFAULT_WORKERS)
+                                        workers=DEFAULT_WORKERS, touch=p.touch)
         p.bytes_expected, p.objects_expected = delta.bytes, delta.objects
         p.touch()
         self._check()
@@ -212,6 +224,7 @@ class ReplicationStep:
         self._check()
         p.phase = "publishing"
         self._publish()
+        write_ledger(self.target, self.job, self.snap.volume, self.snap.name)
         try:
             self.target.delete(key)
         except GlideError:

@@ -263,6 +263,12 @@ def test_pruning_both_sides_with_dry_run_and_pins(daemon_factory, tmp_short: Pat
     assert trows["keep-a"]["kept_by"] == ["regex ^keep-"], trows
     text = cli(d, "replication", "prune", "offsite", "--dry-run").stdout
     assert "keep" in text and "last_n 3" in text
+    # A snapshot another writer put on the target is not the job's to prune.
+    tgt.put("volumes/vol0/snapshots/zz-foreign", tgt.get("volumes/vol0/snapshots/c"))
+    write_random(d.uri(), tmp_short, 256 << 10, 20)
+    snapshot(d, "vol0", "f")
+    run_job(d, "offsite")
+    assert target_snapshots(tgt, "vol0") == ["keep-a", "zz-foreign", "d", "e", "f"]
 
 
 def test_job_config_errors_are_clear(tmp_short: Path) -> None:
