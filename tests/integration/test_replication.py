@@ -327,3 +327,34 @@ def test_source_pruning_and_gc_racing_a_step_keep_its_snapshot(daemon_factory,
         "--config", str(config(tmp_short / "..", "", f'[store]\npath = "{target}"\n'))])
     cli(r, "volume", "clone", "vol0@s2", "back")
     assert image_sha(r.uri("back"), tmp_short) == sha2
+
+
+def test_handoff_during_a_step_the_successor_finishes_it(daemon_factory,
+                                                        tmp_short: Path) -> None:
+    """A handoff while a step copies: the predecessor's run stops at its next
+    object, the successor's own run resumes the step and publishes it, and
+    the replica restores bit-exact."""
+    target = tmp_short / "offsite"
+    cfg = config(tmp_short, dir_job("offsite", target, more='bandwidth = "8M"'))
+    d = daemon_factory(volumes=[("vol0", 64 * MiB)], extra_args=["--config", str(cfg)])
+    write_random(d.uri(), tmp_short, 40 * MiB, 70)
+    snapshot(d, "vol0", "s1")
+    sha = image_sha(d.uri(), tmp_short)
+    cli(d, "replication", "run", "offsite", "--no-wait")
+    wait_step(d, "offsite", 1)
+    first = d.pid
+    p = cli(d, "handoff")
+    assert "succeeded" in p.stdout, p.stdout
+    deadline = time.monotonic() + 60
+    while d.serving_pid() in (None, first):
+        assert time.monotonic() < deadline, "no successor serves"
+        time.sleep(0.05)
+    assert d.wait_gone(first, 60), "the predecessor did not exit"
+    view = json.loads(cli(d, "replication", "run", "offsite", "--json").stdout)
+    assert view["state"] == "idle", view
+    tgt = LocalDirStore(target)
+    assert target_snapshots(tgt, "vol0") == ["s1"]
+    r = daemon_factory(volumes=[("scratch", 4 * MiB)], extra_args=[
+        "--config", str(config(tmp_short / "..", "", f'[store]\npath = "{target}"\n'))])
+    cli(r, "volume", "clone", "vol0@s1", "back")
+    assert image_sha(r.uri("back"), tmp_short) == sha
