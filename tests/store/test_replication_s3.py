@@ -263,7 +263,16 @@ def test_source_pruning_goes_on_while_the_target_is_down(
     names = [s["name"] for s in api(d, "GET", "/v1/volumes/vol0/snapshots")[1]["snapshots"]]
     # s0: replicated, no rule keeps it; s1: the pinned base; s2, s3: not replicated.
     assert names == ["s1", "s2", "s3"], names
+    # They pile up while the target stays down: status says so.
+    for i in range(4, 24):
+        snapshot(d, "vol0", f"s{i}")
+    cli(d, "replication", "run", "offsite", check=False)
+    (vol,) = job(d, "offsite")["volumes"]
+    # s1..s22 (s23 is also the newest, which last_n keeps).
+    assert vol["held_back"] == 22 and "is the target reachable" in vol["warning"], vol
+    out = cli(d, "replication", "status").stdout
+    assert "warning: vol0:" in out, out
     proxy.set_mode("pass")
     run_until_idle(d, "offsite")
     names = [s["name"] for s in api(d, "GET", "/v1/volumes/vol0/snapshots")[1]["snapshots"]]
-    assert names == ["s3"], names
+    assert names == ["s23"], names
