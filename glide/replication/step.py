@@ -102,7 +102,7 @@ def encode_marker(job: str, snap: Snapshot, keys: list[str]) -> bytes:
 def decode_marker(data: bytes) -> dict:
     """A marker's content; CorruptData if it is not one."""
     try:
-        raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=1 << 30)
+        raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=256 << 20)
         body = json.loads(raw)
         keys = body["keys"]
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
