@@ -88,6 +88,11 @@ BACKOFF_MAX = 300.0
 HELD_BACK_WARNING = 20
 
 
+PERMANENT_S3_CODES = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                      "NoSuchBucket", "AllAccessDisabled", "InvalidBucketName",
+                      "AccountProblem")
+
+
 class NoSuchJob(NoSuchVolume):
     code = "not_found"
 
@@ -96,9 +101,11 @@ def is_permanent(err: BaseException) -> bool:
     """Retrying cannot fix it: stop the job and say why."""
     if isinstance(err, StoreUnsafe | TargetConflict | ConfigError):
         return True
-    if isinstance(err, StoreError) and not isinstance(err, StoreUnavailable):
-        # Auth refused, a missing bucket, a bad request: the store's verdict.
-        return not isinstance(err, NotFound)
+    if isinstance(err, StoreError) and not isinstance(err, StoreUnavailable | NotFound):
+        # The store's verdict on who we are or where we write. Anything
+        # else (a full disk, a damaged file, an odd answer) may pass.
+        text = str(err)
+        return "HTTP 403" in text or any(code in text for code in PERMANENT_S3_CODES)
     return False
 
 
@@ -218,6 +225,9 @@ class ReplicationService:
         self.control = control
         self.jobs: dict[str, JobRuntime] = {}
         self._tasks: list[asyncio.Task] = []
+        # Setting a pin and "read the pins, then destroy what none holds"
+        # (pruning, `snapshot delete`) exclude each other in this process.
+        self.pin_lock = threading.Lock()
 
     @property
     def source(self) -> ObjectStore:
@@ -234,11 +244,9 @@ class ReplicationService:
     async def run(self, tick: float = 1.0) -> None:
         """Runs every job until cancelled (the daemon stops or hands off)."""
         self.configure()
-        if not self.jobs and not await in_thread(lambda: bool(list_pins(self.source))):
-            return
         try:
             await in_thread(self._release_stale_pins)
-        except GlideError as e:
+        except Exception as e:  # noqa: BLE001 - the jobs still run; GC honours the pins
             log.error("replication: cannot check pins at start: %s", e)
         self._tasks = [asyncio.create_task(self._job_loop(rt, tick))
                        for rt in self.jobs.values()]
@@ -381,6 +389,8 @@ class ReplicationService:
                         first_err = e
                     if not isinstance(e, GlideError | OSError):
                         log.exception("replication job %s volume %s", rt.cfg.name, volume)
+            if cancel.is_set():
+                raise StepCancelled("replication run cancelled")
             try:
                 self._prune(rt, source, target if tgt_names is not None else None, volume,
                             base, tgt_names, dry_run=False, report=vs)
@@ -433,14 +443,41 @@ class ReplicationService:
                     None)
         todo = [s for s in snaps if base is None or created(s) > created(base)]
         vs.snapshots_behind = len(todo)
+
+        def new_base(snap: Snapshot) -> None:
+            """`snap` is on the target: it is the next step's base, pinned on
+            both sides (on the target, so that nothing there deletes what
+            the next step will not copy again)."""
+            nonlocal base
+            with self.pin_lock:
+                set_pin(source, job, snap, REASON_BASE)
+            set_pin(target, job, snap, REASON_BASE)
+            if base is not None and base.name != snap.name:
+                release_pin(target, volume, job, base.name)
+            base = snap
+            vs.snapshots_behind -= 1
+
+        if base is not None:
+            new_base(base)
+            vs.snapshots_behind += 1
         for snap in todo:
             if cancel.is_set():
                 raise StepCancelled("replication run cancelled")
             if snap.name in tgt_names and same_there(snap):
-                base = snap  # published by a step whose end we did not see
+                new_base(snap)  # published by a step whose end we did not see
+                continue
+            with self.pin_lock:
+                set_pin(source, job, snap, REASON_STEP)
+            # Pinned now; is it still the snapshot listed (not deleted, or
+            # replaced under the same name, since)?
+            try:
+                current = load_snapshot(source, volume, snap.name).root.encode()
+            except NoSuchVolume:
+                current = None
+            if current != snap.root.encode():
+                release_pin(source, volume, job, snap.name)
                 vs.snapshots_behind -= 1
                 continue
-            set_pin(source, job, snap, REASON_STEP)
             base_there = load_snapshot(target, volume, base.name) if base is not None else None
             # Local: after a watchdog, a newer run may own vs.progress.
             vs.progress = progress = StepProgress()
@@ -453,21 +490,20 @@ class ReplicationService:
             finally:
                 rt.bytes_sent += progress.bytes_sent
             rt.steps["ok"] += 1
-            set_pin(source, job, snap, REASON_BASE)
             tgt_names.add(snap.name)
             log.info("replicated %s@%s to %s: %d of %d objects copied, %d bytes sent "
                      "(incremental on %s)", volume, snap.name, rt.cfg.name,
                      progress.objects_copied, progress.objects_expected,
                      progress.bytes_sent, base.name if base else "nothing")
-            base = snap
-            vs.snapshots_behind -= 1
+            new_base(snap)
         # The base is the only pin a finished run keeps. Not from a run told
         # to stop: a successor (handoff) may already have pinned its own step.
         if cancel.is_set():
             raise StepCancelled("replication run cancelled")
-        for pin in list_pins(source, volume):
-            if pin.job == job and (base is None or pin.snapshot != base.name):
-                release_pin(source, volume, job, pin.snapshot)
+        for store in (source, target):
+            for pin in list_pins(store, volume):
+                if pin.job == job and (base is None or pin.snapshot != base.name):
+                    release_pin(store, volume, job, pin.snapshot)
         if base is not None:
             vs.newest_target, vs.newest_target_created = base.name, created(base)
         return base, tgt_names
@@ -477,6 +513,13 @@ class ReplicationService:
     def _prune(self, rt: JobRuntime, source: ObjectStore, target: ObjectStore | None,
                volume: str, base: Snapshot | None, tgt_names: set[str] | None, *,
                dry_run: bool, report: VolumeStatus | None = None) -> dict[str, Any]:
+        with self.pin_lock:
+            return self._prune_locked(rt, source, target, volume, base, tgt_names,
+                                      dry_run=dry_run, report=report)
+
+    def _prune_locked(self, rt: JobRuntime, source: ObjectStore, target: ObjectStore | None,
+                      volume: str, base: Snapshot | None, tgt_names: set[str] | None, *,
+                      dry_run: bool, report: VolumeStatus | None) -> dict[str, Any]:
         out: dict[str, Any] = {"volume": volume}
         now = time.time()
         pins = list_pins(source, volume)
@@ -485,8 +528,8 @@ class ReplicationService:
             pinned.setdefault(p.snapshot, []).append(p)
         snaps = list_snapshots(source, volume)
         if base is None:
-            base_pin = next((p for p in pins if p.job == rt.cfg.name and p.reason == REASON_BASE),
-                            None)
+            base_pin = max((p for p in pins if p.job == rt.cfg.name and p.reason == REASON_BASE),
+                           key=lambda p: p.since_unix, default=None)
             base = next((s for s in snaps if base_pin and s.name == base_pin.snapshot), None)
         base_created = float(base.info.get("created_unix") or 0.0) if base else None
 
@@ -535,11 +578,16 @@ class ReplicationService:
                         continue
                 cands.append(PruneCandidate(name, cache[name]))
             decisions = plan_prune(rt.cfg.keep_target, cands, now)
+            target_pins: dict[str, list[Pin]] = {}
+            for p in list_pins(target, volume):
+                target_pins.setdefault(p.snapshot, []).append(p)
             rows = []
             for d in decisions:
                 kept_by = list(d.kept_by)
                 if base is not None and d.name == base.name:
                     kept_by.append("incremental base of the next step")
+                for p in target_pins.get(d.name, []):
+                    kept_by.append(f"pinned on the target by job {p.job} ({p.reason})")
                 keep = bool(kept_by)
                 rows.append({"snapshot": d.name, "keep": keep, "kept_by": kept_by})
                 if not keep and not dry_run:
@@ -554,7 +602,11 @@ class ReplicationService:
         return out
 
     def _release_stale_pins(self) -> None:
+        """Pins of jobs, or volumes, this daemon no longer replicates. Only
+        on volumes it serves: another daemon may share the store."""
         for pin in list_pins(self.source):
+            if pin.volume not in self.control.served:
+                continue
             rt = self.jobs.get(pin.job)
             if rt is None or not rt.cfg.matches(pin.volume):
                 release_pin(self.source, pin.volume, pin.job, pin.snapshot)

@@ -1,7 +1,8 @@
 """One replication step: copy what a snapshot needs to the target, then name it there.
 
 Owns `ReplicationStep` (plan, announce, copy, verify, publish), the step
-marker on the target (`volumes/<volume>/replicating/<job>`), the shared
+marker on the target (`volumes/<volume>/replicating/<job>@<snapshot>@<id>`,
+one per step, so no step ever removes another's), the shared
 `RateLimiter`, and `StepProgress`, which the service reads for status and
 for its no-progress watchdog.
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -41,7 +43,7 @@ from glide.replication.plan import Delta, plan_delta
 from glide.repo.manifest import NODE_PREFIX, VOLUME_PREFIX
 from glide.repo.manifest.format import DEFAULT_WORKERS
 from glide.repo.pack import PACK_PREFIX
-from glide.repo.snapshots import Snapshot, decode_snapshot, snapshot_key
+from glide.repo.snapshots import Snapshot, snapshot_key
 from glide.store.base import NotFound, ObjectStore, PreconditionFailed
 
 MARKER_DIR = "replicating"
@@ -56,6 +58,12 @@ class StepCancelled(GlideError):
     code = "replication_cancelled"
 
 
+class SnapshotReplaced(GlideError):
+    """The source's snapshot is no longer the one the step copied."""
+
+    code = "replication_snapshot_replaced"
+
+
 class TargetConflict(Conflict):
     """The target holds a different snapshot under the same name: a foreign
     writer, or a source that reused a name. Never overwritten."""
@@ -67,18 +75,19 @@ def marker_prefix(volume: str) -> str:
     return f"{VOLUME_PREFIX}{volume}/{MARKER_DIR}/"
 
 
-def marker_key(volume: str, job: str) -> str:
-    return marker_prefix(volume) + job
+def marker_key(volume: str, job: str, snapshot: str, step_id: str) -> str:
+    return f"{marker_prefix(volume)}{job}@{snapshot}@{step_id}"
 
 
-def parse_marker_key(key: str) -> tuple[str, str] | None:
-    """(volume, job) for a step marker's key, else None."""
+def parse_marker_key(key: str) -> tuple[str, str, str] | None:
+    """(volume, job, snapshot) for a step marker's key, else None."""
     if not key.startswith(VOLUME_PREFIX):
         return None
     parts = key[len(VOLUME_PREFIX):].split("/")
-    if len(parts) != 3 or parts[1] != MARKER_DIR:
+    if len(parts) != 3 or parts[1] != MARKER_DIR or parts[2].count("@") != 2:
         return None
-    return parts[0], parts[2]
+    job, snapshot, _ = parts[2].split("@")
+    return parts[0], job, snapshot
 
 
 def ledger_prefix(volume: str, job: str) -> str:
@@ -200,9 +209,17 @@ class ReplicationStep:
         self.progress.snapshot = snap.name
         self.delta: Delta | None = None
         self.marker_at = 0.0
+        # This step's own stop (a failed copy ends the other workers of
+        # the batch); `cancel` is the whole run's.
+        self.stop = threading.Event()
+        self.trusted: list[tuple[str, int]] = []  # found present, not copied
+        self._trusted_lock = threading.Lock()
+
+    def stopped(self) -> bool:
+        return self.stop.is_set() or self.cancel.is_set()
 
     def _check(self) -> None:
-        if self.cancel.is_set():
+        if self.stopped():
             raise StepCancelled(f"replication step {self.snap.volume}@{self.snap.name} "
                                 "cancelled")
 
@@ -215,7 +232,7 @@ class ReplicationStep:
         p.bytes_expected, p.objects_expected = delta.bytes, delta.objects
         p.touch()
         self._check()
-        key = marker_key(self.snap.volume, self.job)
+        key = marker_key(self.snap.volume, self.job, self.snap.name, uuid.uuid4().hex[:12])
         self.target.put(key, encode_marker(self.job, self.snap, delta.keys()))
         self.marker_at = time.monotonic()
         p.phase = "copying"
@@ -223,25 +240,23 @@ class ReplicationStep:
             self._copy_batch(batch)
         self._check()
         p.phase = "publishing"
+        self._recheck_trusted()
         self._publish()
         write_ledger(self.target, self.job, self.snap.volume, self.snap.name)
-        try:
-            self.target.delete(key)
-        except GlideError:
-            pass  # a leftover marker only keeps objects the new root reaches anyway
+        self._remove_markers()
         p.phase = "done"
         p.touch()
 
-    def _copy_batch(self, batch: dict[str, int]) -> None:
+    def _copy_batch(self, batch: dict[str, int], count: bool = True) -> None:
         if not batch:
             return
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(batch)),
                                 thread_name_prefix="glide-repl") as pool:
-            futures = [pool.submit(self._copy_one, k, size) for k, size in batch.items()]
+            futures = [pool.submit(self._copy_one, k, size, count) for k, size in batch.items()]
             done, pending = wait(futures, return_when=FIRST_EXCEPTION)
             failed = [f for f in done if f.exception() is not None]
             if failed:
-                self.cancel.set()  # the other workers stop at their next object
+                self.stop.set()  # the other workers stop at their next object
                 for f in pending:
                     f.cancel()
                 wait(pending)
@@ -254,26 +269,47 @@ class ReplicationStep:
             if self.target.head(key).size != size:
                 return False
             wait_for = self.marker_at + MARKER_SETTLE - time.monotonic()
-            if wait_for <= 0:
-                return True
-            time.sleep(wait_for)
-            return self.target.head(key).size == size
+            if wait_for > 0:
+                time.sleep(wait_for)
+                if self.target.head(key).size != size:
+                    return False
         except NotFound:
             return False
+        with self._trusted_lock:
+            self.trusted.append((key, size))
+        return True
 
-    def _copy_one(self, key: str, size: int) -> None:
+    def _recheck_trusted(self) -> None:
+        """Everything found present rather than copied is asked for once
+        more, now that every GC reads the marker; what went is copied."""
+        trusted, self.trusted = self.trusted, []
+        if trusted:
+            self._copy_batch(dict(trusted), count=False)
+
+    def _remove_markers(self) -> None:
+        """This step's marker and those of earlier attempts at the same
+        snapshot: the published root keeps everything they list."""
+        prefix = f"{marker_prefix(self.snap.volume)}{self.job}@{self.snap.name}@"
+        try:
+            for info in list(self.target.list(prefix)):
+                self.target.delete(info.key)
+        except GlideError:
+            pass  # a leftover marker only keeps objects the new root reaches anyway
+
+    def _copy_one(self, key: str, size: int, count: bool = True) -> None:
         self._check()
         p = self.progress
         if self._present(key, size):
-            p.bytes_done += size
-            p.objects_done += 1
+            if count:
+                p.bytes_done += size
+                p.objects_done += 1
             p.touch()
             return
         data = self.source.get(key)
         if not _content_ok(key, data):
             raise CorruptData(f"source object {key} does not hash to its key; not copied")
         self._check()
-        self.limiter.take(len(data), self.cancel.is_set)
+        self.limiter.take(len(data), self.stopped)
         self.target.put(key, data)
         if self.verify == "read-back":
             if not _content_ok(key, self.target.get(key)):
@@ -283,17 +319,26 @@ class ReplicationStep:
             if info.size != len(data):
                 raise CorruptData(f"target object {key} is {info.size} bytes after writing "
                                   f"{len(data)}")
-        p.bytes_done += len(data)
+        if count:
+            p.bytes_done += len(data)
+            p.objects_done += 1
         p.bytes_sent += len(data)
-        p.objects_done += 1
         p.objects_copied += 1
         p.copied_keys.append(key)
         p.touch()
 
     def _publish(self) -> None:
         key = snapshot_key(self.snap.volume, self.snap.name)
-        data = self.source.get(key)
-        decode_snapshot(self.snap.volume, self.snap.name, data)  # the bytes we name
+        data = self.snap.root.encode()
+        try:
+            there = self.source.get(key)
+        except NotFound:
+            there = None
+        if there != data:
+            # Deleted, or replaced by another snapshot of the same name: what
+            # was copied is not what the name now means. The next run lists again.
+            raise SnapshotReplaced(f"snapshot {self.snap.volume}@{self.snap.name} changed on "
+                                   "the source during the step; not publishing it")
         for child in self.snap.root.children:
             if child is not None:
                 self.target.head(NODE_PREFIX + child)  # NotFound: never publish

@@ -34,7 +34,7 @@ replication pins (`volumes/<volume>/pins/<job>/<snapshot>`,
 glide/replication/pins.py) are roots like any volume's: what they reach is
 kept as long as they exist, even when their volume is gone.
 
-Replication step markers (`volumes/<volume>/replicating/<job>`,
+Replication step markers (`volumes/<volume>/replicating/<job>@<snapshot>@<id>`,
 glide/replication/step.py) list the keys a step copying into this store
 needs before its snapshot's root is published there: those keys are live
 too. GC lists the markers again at least every MARKER_REREAD seconds while
@@ -139,6 +139,7 @@ class StepMarkers:
     def refresh(self) -> set[str]:
         """Re-lists the markers; returns keys that became live since the last call."""
         new: set[str] = set()
+        read_at = time.monotonic()  # before the listing: what it saw is that old
         for info in self.store.list(VOLUME_PREFIX):
             if parse_marker_key(info.key) is None or self._seen.get(info.key) == info.etag:
                 continue
@@ -150,7 +151,7 @@ class StepMarkers:
             added = set(body["keys"]) - self.keys
             self.keys |= added
             new |= added
-        self._read_at = time.monotonic()
+        self._read_at = read_at
         return new
 
     def due(self) -> bool:

@@ -292,15 +292,21 @@ class SnapshotCoordinator:
         if (volume, name) in self.active:
             raise Conflict(f"snapshot {volume}@{name} is being taken; delete it once it has "
                            "committed or failed")
-        pins = [p for p in await asyncio.to_thread(list_pins, self.store, volume)
-                if p.snapshot == name]
-        if pins:
-            raise Conflict(f"snapshot {volume}@{name} is pinned by replication job "
-                           + ", ".join(f"{p.job} ({p.reason})" for p in pins)
-                           + "; it goes once the job no longer needs it (or remove the job "
-                           "from the config)")
+
+        def delete_unpinned() -> None:
+            # Under the replication service's pin lock: a pin set between
+            # our look at the pins and the delete would be missed.
+            with self.control.replication.pin_lock:
+                pins = [p for p in list_pins(self.store, volume) if p.snapshot == name]
+                if pins:
+                    raise Conflict(f"snapshot {volume}@{name} is pinned by replication job "
+                                   + ", ".join(f"{p.job} ({p.reason})" for p in pins)
+                                   + "; it goes once the job no longer needs it (or remove "
+                                   "the job from the config)")
+                delete_snapshot(self.store, volume, name)
+
         try:
-            await asyncio.to_thread(delete_snapshot, self.store, volume, name)
+            await asyncio.to_thread(delete_unpinned)
         except NoSuchVolume:
             # Only a failed record? Forgetting it is the delete.
             failures = await asyncio.to_thread(self.journal(volume).failures) \

@@ -66,11 +66,12 @@ def test_marker_codec_refuses_garbage() -> None:
 
 
 def test_key_parsers_keep_their_namespaces_apart() -> None:
-    assert parse_marker_key(marker_key("vol0", "offsite")) == ("vol0", "offsite")
+    assert parse_marker_key(marker_key("vol0", "offsite", "s1", "ab12")) == \
+        ("vol0", "offsite", "s1")
     assert parse_pin_key(pin_key("vol0", "offsite", "s1")) == ("vol0", "offsite", "s1")
-    for key in (marker_key("vol0", "j"), pin_key("vol0", "j", "s")):
+    for key in (marker_key("vol0", "j", "s", "1"), pin_key("vol0", "j", "s")):
         assert parse_snapshot_key(key) is None
-    assert parse_pin_key(marker_key("vol0", "j")) is None
+    assert parse_pin_key(marker_key("vol0", "j", "s", "1")) is None
     assert parse_marker_key("volumes/vol0/snapshots/s1") is None
     assert parse_marker_key("volumes/vol0/root") is None
 
@@ -80,7 +81,7 @@ def test_gc_reads_a_pin_as_a_root_and_ignores_markers_and_ledgers(tmp_path) -> N
     store = LocalDirStore(tmp_path)
     root = Root("vol0", 1 << 20, 3, 1, "w", 7, (None,), {"pin": {"job": "j"}})
     store.put(pin_key("vol0", "j", "s1"), root.encode())
-    store.put(marker_key("vol0", "j"), b"whatever")
+    store.put(marker_key("vol0", "j", "s", "1"), b"whatever")
     store.put("volumes/vol0/replicated/j/s1", b"{}")
     (found,) = live_roots(store)
     assert found.volume == "vol0" and found.version == 3
