@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from test_snapshots import api, cli, image_sha, run_gc, scrape, snapshot, write_random
 
+from glide.replication.pins import list_pins
 from glide.repo.reach import reachable_keys
 from glide.repo.snapshots import list_snapshots
 from glide.store import LocalDirStore
@@ -358,3 +359,37 @@ def test_handoff_during_a_step_the_successor_finishes_it(daemon_factory,
         "--config", str(config(tmp_short / "..", "", f'[store]\npath = "{target}"\n'))])
     cli(r, "volume", "clone", "vol0@s1", "back")
     assert image_sha(r.uri("back"), tmp_short) == sha
+
+
+def wait_pins(d: Daemon, want: set[tuple[str, str]], timeout: float = 20) -> None:
+    """The release runs as the daemon starts its jobs: until the pins are `want`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pins = {(p["job"], p["snapshot"]) for p in status(d, pins=True)["pins"]}
+        if pins == want:
+            return
+        assert time.monotonic() < deadline, (pins, want)
+        time.sleep(0.1)
+
+
+def test_removing_a_job_releases_its_pins_at_the_next_start(daemon_factory,
+                                                           tmp_short: Path) -> None:
+    target = tmp_short / "offsite"
+    cfg = config(tmp_short, dir_job("offsite", target) + dir_job("other", tmp_short / "t2"))
+    d = daemon_factory(volumes=[("vol0", 64 * MiB)], extra_args=["--config", str(cfg)])
+    write_random(d.uri(), tmp_short, 1 * MiB, 80)
+    snapshot(d, "vol0", "s1")
+    run_job(d, "offsite")
+    run_job(d, "other")
+    pins = {(p["job"], p["snapshot"]) for p in status(d, pins=True)["pins"]}
+    assert pins == {("offsite", "s1"), ("other", "s1")}, pins
+    d.stop()
+    cfg.write_text(dir_job("other", tmp_short / "t2"))  # offsite removed
+    d.start()
+    wait_pins(d, {("other", "s1")})
+    d.stop()
+    cfg.write_text("")  # no job at all
+    d.start()
+    wait_pins(d, set())
+    assert not list_pins(LocalDirStore(d.data_dir / "store"))
+    api(d, "DELETE", "/v1/volumes/vol0/snapshots/s1")  # unpinned: deletable
