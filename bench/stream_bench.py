@@ -203,6 +203,8 @@ def main() -> int:
               f"| {disk / r['seconds']:.2f}x | {r['amplification']:.2f} |")
     if a.json:
         a.json.write_text(json.dumps(results, indent=1))
+    if a.dir is None:
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
