@@ -146,6 +146,8 @@ def main() -> int:
           f"(target <= 1.1x), {inc['bytes_sent'] / inc['changed']:.3f}x the raw change.")
     if a.json:
         a.json.write_text(json.dumps(results, indent=1))
+    if a.dir is None:
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
