@@ -120,6 +120,16 @@ def test_dir_to_dir_incremental_and_restore_bit_exact(daemon_factory, tmp_short:
     assert image_sha(r.uri("back2"), tmp_short) == sha2
 
 
+def restore_sha(factory, tmp: Path, target: Path, snap: str) -> str:
+    """A fresh daemon whose store is the target clones vol0@`snap` and
+    serves it; the sha256 of the whole image it serves."""
+    cfg = tmp / f"restore-{snap}.toml"
+    cfg.write_text(f'[store]\npath = "{target}"\n')
+    r = factory(volumes=[("scratch", 4 * MiB)], extra_args=["--config", str(cfg)])
+    cli(r, "volume", "clone", f"vol0@{snap}", "back")
+    return image_sha(r.uri("back"), tmp)
+
+
 def wait_step(d: Daemon, job: str, objects: int, timeout: float = 60) -> dict:
     """The job's step once it has done `objects` objects."""
     deadline = time.monotonic() + timeout
@@ -167,10 +177,7 @@ def test_kill9_mid_step_resumes_without_copying_anything_twice(daemon_factory,
         tgt.head(key)
     # The step marker is gone once the root is published.
     assert not [k for k in after if "replicating" in k]
-    r = daemon_factory(volumes=[("scratch", 4 * MiB)], extra_args=[
-        "--config", str(config(tmp_short / "..", "", f'[store]\npath = "{target}"\n'))])
-    cli(r, "volume", "clone", "vol0@s1", "back")
-    assert image_sha(r.uri("back"), tmp_short) == sha
+    assert restore_sha(daemon_factory, tmp_short, target, "s1") == sha
 
 
 def test_target_gc_racing_a_step_keeps_what_the_step_needs(daemon_factory,
@@ -199,10 +206,7 @@ def test_target_gc_racing_a_step_keeps_what_the_step_needs(daemon_factory,
             tgt.head(key)
     # With the step done and s1 deleted on the target, GC can collect what
     # only s1 reached; s2 stays whole.
-    r = daemon_factory(volumes=[("scratch", 4 * MiB)], extra_args=[
-        "--config", str(config(tmp_short / "..", "", f'[store]\npath = "{target}"\n'))])
-    cli(r, "volume", "clone", "vol0@s2", "back")
-    assert image_sha(r.uri("back"), tmp_short) == sha
+    assert restore_sha(daemon_factory, tmp_short, target, "s2") == sha
 
 
 def test_foreign_objects_on_the_target_are_left_alone_and_a_name_clash_stops_the_job(
@@ -324,10 +328,7 @@ def test_source_pruning_and_gc_racing_a_step_keep_its_snapshot(daemon_factory,
     # The run pruned again: only s3 (last_n 1, and now the base) is left.
     src = [s["name"] for s in api(d, "GET", "/v1/volumes/vol0/snapshots")[1]["snapshots"]]
     assert src == ["s3"], src
-    r = daemon_factory(volumes=[("scratch", 4 * MiB)], extra_args=[
-        "--config", str(config(tmp_short / "..", "", f'[store]\npath = "{target}"\n'))])
-    cli(r, "volume", "clone", "vol0@s2", "back")
-    assert image_sha(r.uri("back"), tmp_short) == sha2
+    assert restore_sha(daemon_factory, tmp_short, target, "s2") == sha2
 
 
 def test_handoff_during_a_step_the_successor_finishes_it(daemon_factory,
@@ -355,10 +356,7 @@ def test_handoff_during_a_step_the_successor_finishes_it(daemon_factory,
     assert view["state"] == "idle", view
     tgt = LocalDirStore(target)
     assert target_snapshots(tgt, "vol0") == ["s1"]
-    r = daemon_factory(volumes=[("scratch", 4 * MiB)], extra_args=[
-        "--config", str(config(tmp_short / "..", "", f'[store]\npath = "{target}"\n'))])
-    cli(r, "volume", "clone", "vol0@s1", "back")
-    assert image_sha(r.uri("back"), tmp_short) == sha
+    assert restore_sha(daemon_factory, tmp_short, target, "s1") == sha
 
 
 def wait_pins(d: Daemon, want: set[tuple[str, str]], timeout: float = 20) -> None:
