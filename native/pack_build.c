@@ -5,8 +5,10 @@
  *  - in parallel (the caller plus threads-1 pthreads, each with its own zstd
  *    context): chunks of consecutive inputs are read as of the cut straight
  *    into their 4 KiB slots of one buffer, then each block is tested for
- *    zeros, hashed (xxh3-128) and compressed; a frame shorter than 4096 bytes
- *    replaces the raw block in its slot, otherwise the raw block stays (RAW).
+ *    zeros, hashed (xxh3-128) and compressed; a frame that saves at least
+ *    1/8 of the block replaces it in its slot, otherwise the raw block stays
+ *    (RAW); after such a block only every 8th is tried until one compresses
+ *    again (early abort, below).
  *    Each slot is touched by one thread only, while it is still in cache.
  *  - serially: dedupe by digest (entry numbers in order of first occurrence,
  *    as PackWriter numbers them), payload offsets, then the layout.
@@ -42,6 +44,20 @@
  * 128 KiB of slots stays in L2 between the read and the compression. */
 #define CHUNK 32u
 #define FRAME_BOUND ZSTD_COMPRESSBOUND(GLIDE_BLOCK_SIZE)
+/* ZFS's rule: a block is stored compressed only if that saves at least 1/8
+ * of it; less is not worth a decompression on every read (PackWriter keeps
+ * the same rule). */
+#define KEEP_COMPRESSED_MAX (GLIDE_BLOCK_SIZE - GLIDE_BLOCK_SIZE / 8)
+/* Early abort: a block is tried only if it is a probe (every PROBE_EVERY-th
+ * input) or the input before it, in the same chunk, was tried and kept
+ * compressed; the others are stored RAW untried. zstd -1 runs at ~300 MB/s
+ * a core on data it can barely shrink (random, encrypted, already
+ * compressed), which made it the whole cost of a stream's sync; now such
+ * data costs one try in PROBE_EVERY, while compressible data, once a probe
+ * finds it, is tried block after block. Chunks start on a probe, so the
+ * output still does not depend on the number of threads. */
+#define PROBE_EVERY 8u
+_Static_assert(CHUNK % PROBE_EVERY == 0, "every chunk starts with a probe");
 
 struct pack_build {
     size_t n;
@@ -77,19 +93,22 @@ static int do_chunk(struct job *j, ZSTD_CCtx *cctx, uint8_t *frame, size_t start
         if (rc) return rc;
         i = k;
     }
+    int kept = 0; /* the input before this one was tried and kept compressed */
     for (size_t i = start; i < end; i++) {
         uint8_t *blk = pb->slots + i * GLIDE_BLOCK_SIZE;
         if (!memcmp(blk, zero_block, GLIDE_BLOCK_SIZE)) { pb->len[i] = 0; continue; }
         XXH128_canonical_t c;
         XXH128_canonicalFromHash(&c, XXH3_128bits(blk, GLIDE_BLOCK_SIZE));
         memcpy(pb->digest[i], c.digest, 16);
+        pb->len[i] = GLIDE_BLOCK_SIZE;
+        if (!kept && i % PROBE_EVERY) continue;
+        kept = 0;
         size_t r = ZSTD_compress2(cctx, frame, FRAME_BOUND, blk, GLIDE_BLOCK_SIZE);
         if (ZSTD_isError(r)) return ZSTD_getErrorCode(r) == ZSTD_error_memory_allocation ? -ENOMEM : -EIO;
-        if (r < GLIDE_BLOCK_SIZE) {
+        if (r <= KEEP_COMPRESSED_MAX) {
             memcpy(blk, frame, r);
             pb->len[i] = (uint16_t)r;
-        } else {
-            pb->len[i] = GLIDE_BLOCK_SIZE;
+            kept = 1;
         }
     }
     return 0;

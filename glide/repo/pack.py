@@ -25,7 +25,8 @@ Byte layout, version 1, all integers little-endian:
     payloads (offset 16): entry i's payload at index[i].offset, back to back
       in entry order, no gaps: a zstd frame (content size 4096 recorded in the
       frame header, no dictionary) of the block, or the raw 4096 bytes when
-      zstd would not make it smaller (flag RAW).
+      zstd would not save at least 1/8 of it (flag RAW). Decoders accept any
+      frame shorter than 4096 bytes.
     index (at index_offset = end of the last payload; index_length bytes)
       0  magic "GPIX"          4s
       4  format version (1)    u16
@@ -95,6 +96,11 @@ DEFAULT_LEVEL: Final = 1
 AS_OF_CURRENT: Final = (1 << 64) - 1
 
 FLAG_RAW: Final = 0x0001
+# A block is stored compressed only if that saves at least 1/8 of it (ZFS's
+# rule): less is not worth a decompression on every read. The C builder
+# (native/pack_build.c) keeps the same rule, and may also store a block RAW
+# untried after its neighbour failed it; a decoder cannot tell, and need not.
+KEEP_COMPRESSED_MAX: Final = BLOCK_SIZE - BLOCK_SIZE // 8
 KNOWN_FLAGS: Final = FLAG_RAW
 
 HEADER: Final = struct.Struct("<4sHHII")
@@ -285,7 +291,7 @@ class PackWriter:
         if len(self._entries) >= MAX_ENTRIES:
             raise ValueError(f"a pack holds at most {MAX_ENTRIES} blocks")
         frame = self._cctx.compress(data)
-        if len(frame) < BLOCK_SIZE:
+        if len(frame) <= KEEP_COMPRESSED_MAX:
             payload, flags = frame, 0
         else:
             payload, flags = data, FLAG_RAW

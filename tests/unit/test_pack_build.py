@@ -150,9 +150,11 @@ def test_raw_when_zstd_does_not_shrink_the_block(vol: _native.Volume) -> None:
     noise = rng.randbytes(BLOCK_SIZE)
     text = (b"glidefs pack " * BLOCK_SIZE)[:BLOCK_SIZE]
     vol.write(0, noise + text)
-    fp, entries = build_pack(vol, [0, 1], vol.flush_cut(), verify=True)
+    # text first: after a block that did not compress, the next one would
+    # not be tried (early abort)
+    fp, entries = build_pack(vol, [1, 0], vol.flush_cut(), verify=True)
     assert fp is not None
-    raw, packed = fp.index.entry(entries[0]), fp.index.entry(entries[1])
+    raw, packed = fp.index.entry(entries[1]), fp.index.entry(entries[0])
     assert raw.flags == FLAG_RAW and raw.length == BLOCK_SIZE
     assert fp.data[raw.offset: raw.offset + BLOCK_SIZE] == noise
     assert packed.flags == 0 and packed.length < 200
@@ -317,3 +319,48 @@ def test_a_failed_upload_among_many_commits_nothing(vol: _native.Volume, tmp_pat
     stats = Flusher(vol, manifest, store, pack_target=64 << 10).flush_once()
     assert stats is not None and stats.stored == 300
     assert stored_image(store, Manifest.open(store, "vol0")) == blocks
+
+
+def test_compressed_only_when_it_saves_an_eighth(vol: _native.Volume) -> None:
+    """ZFS's rule, in the C builder and PackWriter alike: a frame that saves
+    less than 1/8 of the block is not worth a decompression per read."""
+    rng = random.Random(8)
+    saves_a_quarter = rng.randbytes(3 * BLOCK_SIZE // 4) + bytes(BLOCK_SIZE // 4)
+    saves_a_sixteenth = rng.randbytes(15 * BLOCK_SIZE // 16) + bytes(BLOCK_SIZE // 16)
+    vol.write(0, saves_a_quarter + saves_a_sixteenth)
+    fp, entries = build_pack(vol, [0, 1], vol.flush_cut(), verify=True)
+    assert fp is not None
+    assert fp.index.entry(entries[0]).flags == 0
+    assert fp.index.entry(entries[1]).flags == FLAG_RAW
+    writer = PackWriter()
+    writer.add(saves_a_quarter)
+    writer.add(saves_a_sixteenth)
+    assert [e.flags for e in writer.finish().index] == [0, FLAG_RAW]
+
+
+def test_early_abort_after_incompressible_blocks(vol: _native.Volume) -> None:
+    """After a block that does not compress, only every 8th block is tried
+    until one compresses again, then each one is. The output is the same
+    for any thread count."""
+    rng = random.Random(9)
+    noise = [rng.randbytes(BLOCK_SIZE) for _ in range(4)]
+    text = [(f"block {i} ".encode() * BLOCK_SIZE)[:BLOCK_SIZE] for i in range(56)]
+    # 64 blocks, two chunks: noise at 0-3 and again at 41-44
+    blocks = noise + text[:37] + noise[::-1] + text[37:]
+    assert len(blocks) == 64
+    write_blocks(vol, dict(enumerate(blocks)))
+    lbas = list(range(len(blocks)))
+    cut = vol.flush_cut()
+    fp, entries = build_pack(vol, lbas, cut, threads=1, verify=True)
+    assert fp is not None
+    flags = [fp.index.entry(e).flags for e in entries]
+    # 1-7 are not tried (4-7 would compress); the probe at 8 succeeds, and
+    # from then on each block is tried, up to the noise at 41; 45-47 wait
+    # for the probe at 48
+    assert flags[:8] == [FLAG_RAW] * 8
+    assert flags[8:41] == [0] * 33
+    assert flags[41:48] == [FLAG_RAW] * 7
+    assert flags[48:] == [0] * 16
+    assert unpack(fp, lbas, entries) == dict(enumerate(blocks))
+    fp2, entries2 = build_pack(vol, lbas, cut, threads=2, verify=True)
+    assert fp2 is not None and fp2.data == fp.data and entries2 == entries
