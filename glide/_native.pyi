@@ -26,12 +26,14 @@ class _CheckpointStats(TypedDict):
     cut_seq: int
     blocks_written: int
     blocks_zeroed: int
+    blocks_bypassed: int
     state_bytes: int
 
 class _WriteBackStats(TypedDict):
     cut_seq: int
     blocks_written: int
     blocks_zeroed: int
+    blocks_bypassed: int
 
 class _Stats(TypedDict):
     size: int
@@ -133,8 +135,15 @@ class Volume:
         (ValueError); equal is a no-op."""
     # --- WAL, checkpoint, flush ------------------------------------------------
     def last_seq(self) -> int: ...
-    def checkpoint(self, upto: int = ..., /) -> _CheckpointStats: ...
-    def write_back(self, upto: int = ..., /) -> _WriteBackStats: ...
+    def checkpoint(self, upto: int = ..., bypass: int = 0) -> _CheckpointStats:
+        """Write back, drop versions <= the cut, persist the state file,
+        retire the WAL. bypass > 0 promises the cut is committed to the
+        store: blocks a write-back left out (runs of >= bypass data blocks)
+        become ABSENT. bypass = 0 copies any such blocks first."""
+    def write_back(self, upto: int = ..., bypass: int = 0) -> _WriteBackStats:
+        """A checkpoint's copy into the cache file, changing no state; runs
+        of >= bypass consecutive data blocks (bypass > 0) are not copied but
+        marked for the checkpoint after the commit."""
     def cancel_write_back(self) -> None:
         """write_back/checkpoint, running or later, raise InterruptedError
         within one copy batch until allow_write_back()."""

@@ -51,6 +51,13 @@ def parse_size(value: str | int, what: str) -> int:
     return n << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50}[unit]
 
 
+def parse_nice(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str) or \
+            not str(value).isdigit() or int(value) > 19:
+        raise ConfigError(f"{what}: expected a nice value from 0 (none) to 19, got {value!r}")
+    return int(value)
+
+
 def parse_duration(value: str | int | float, what: str) -> float:
     if isinstance(value, bool):  # TOML true is an int to Python, not a duration
         raise ConfigError(f"{what}: expected a duration (examples: 5s, 250ms), got {value!r}")
@@ -161,6 +168,13 @@ class Config:
     wal_segment_size: int = 64 << 20
     flush_interval: float = 5.0  # flush a dirty volume at least this often
     cache_size: int | None = None  # cache-file bytes per volume before eviction; None: no limit
+    # A run of at least this many contiguous bytes dirty in one sync is not
+    # copied into the cache file: the store keeps it, a read fetches it back
+    # (bcache's sequential_cutoff, decided per sync). 0: copy everything.
+    sequential_cutoff: int = 4 << 20
+    # The nice value of a sync's worker threads (pack build and compression,
+    # uploads, write-back), so they never starve the I/O threads; 0: none.
+    sync_nice: int = 10
     store: StoreConfig = field(default_factory=StoreConfig)
     ublk: UblkConfig = field(default_factory=UblkConfig)
     release_devices: bool = False  # on shutdown delete ublk devices instead of leaving them
@@ -232,7 +246,12 @@ def load_file(path: Path) -> Config:
         cfg.flush_interval = parse_duration(cache["flush_interval"], "cache.flush_interval")
     if "size" in cache:
         cfg.cache_size = parse_size(cache["size"], "cache.size") or None
-    unknown = set(cache) - {"wal_budget", "wal_segment_size", "flush_interval", "size"}
+    if "sequential_cutoff" in cache:
+        cfg.sequential_cutoff = parse_size(cache["sequential_cutoff"], "cache.sequential_cutoff")
+    if "sync_nice" in cache:
+        cfg.sync_nice = parse_nice(cache["sync_nice"], "cache.sync_nice")
+    unknown = set(cache) - {"wal_budget", "wal_segment_size", "flush_interval", "size",
+                            "sequential_cutoff", "sync_nice"}
     if unknown:
         raise ConfigError(f"config file {path}: unknown keys in [cache]: {sorted(unknown)}")
     cfg.store = load_store(raw.get("store", {}), path)

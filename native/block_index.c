@@ -111,6 +111,10 @@ void block_index_set_referenced(struct block_index *bi, uint64_t lba, int on) {
     if (on) bi->state[lba] |= BLOCK_REFERENCED;
     else if (bi->state[lba] & BLOCK_REFERENCED) bi->state[lba] &= (uint8_t)~BLOCK_REFERENCED;
 }
+void block_index_set_bypassed(struct block_index *bi, uint64_t lba, int on) {
+    if (on) bi->state[lba] |= BLOCK_BYPASSED;
+    else if (bi->state[lba] & BLOCK_BYPASSED) bi->state[lba] &= (uint8_t)~BLOCK_BYPASSED;
+}
 uint64_t block_index_dirty_count(const struct block_index *bi) { return bi->used; }
 uint64_t block_index_version_count(const struct block_index *bi) { return bi->vlive; }
 
@@ -241,27 +245,34 @@ int block_index_visit_upto(const struct block_index *bi, uint64_t upto, block_vi
     return 0;
 }
 
-uint64_t block_index_drop_upto(struct block_index *bi, uint64_t upto) {
-    uint64_t cleaned = 0;
+int64_t block_index_drop_upto(struct block_index *bi, uint64_t upto, block_uncached_fn on_uncached, void *ctx) {
+    int64_t cleaned = 0;
+    int failed = 0;
     for (uint64_t i = 0; i < bi->cap;) {
         struct slot *s = &bi->slots[i];
         if (s->lba == EMPTY_KEY) { i++; continue; }
         uint32_t *link = &s->head;
         while (*link && bi->vers[*link].seq > upto) link = &bi->vers[*link].next;
         if (*link) {
-            uint8_t kind = bi->vers[*link].kind;
-            block_index_set_base(bi, s->lba, kind == WAL_KIND_ZERO_HOLE ? BLOCK_ZERO : BLOCK_CLEAN);
+            uint8_t kind = bi->vers[*link].kind, old = bi->state[s->lba];
+            uint8_t base = kind == WAL_KIND_ZERO_HOLE ? BLOCK_ZERO : BLOCK_CLEAN;
+            if (kind == WAL_KIND_DATA && (old & BLOCK_BYPASSED)) {
+                base = BLOCK_ABSENT;
+                if ((old & BLOCK_BASE_MASK) == BLOCK_CLEAN && on_uncached && on_uncached(ctx, s->lba))
+                    failed = 1;
+            }
+            block_index_set_base(bi, s->lba, base);
             uint32_t v = *link;
             *link = 0;
             while (v) { uint32_t nx = bi->vers[v].next; version_free(bi, v); v = nx; }
         }
         if (!s->head) {
-            bi->state[s->lba] &= (uint8_t)~BLOCK_DIRTY;
+            bi->state[s->lba] &= (uint8_t)~(BLOCK_DIRTY | BLOCK_BYPASSED);
             cleaned++;
             erase(bi, s); /* may shift a later slot into i: look at i again */
             continue;
         }
         i++;
     }
-    return cleaned;
+    return failed ? -1 : cleaned;
 }

@@ -36,8 +36,17 @@ enum block_base {
 /* CLOCK's referenced bit: set when a read is served from the cache file or the
  * block is installed, cleared by the eviction hand as it passes. Only meaningful
  * while the base is CLEAN (set_base clears it otherwise); never persisted, so a
- * restarted volume starts with every block unreferenced. Bits 5-7 are spare. */
+ * restarted volume starts with every block unreferenced. */
 #define BLOCK_REFERENCED 0x10
+/* The sequential cutoff: a write-back left this DIRTY block's newest version
+ * <= written_back_seq out of the cache file, because a long run of blocks is
+ * served better by the store than by a second local copy. The checkpoint that
+ * drops that version makes the block ABSENT instead of CLEAN (its caller
+ * committed the version to the store first), or copies it after all when the
+ * caller promises no such commit. Cleared when the block stops being DIRTY;
+ * never persisted (replay rebuilds DIRTY blocks, and the next write-back
+ * decides again). Bits 6-7 are spare. */
+#define BLOCK_BYPASSED 0x20
 /* What the state file keeps per block (DIRTY is rebuilt by replay). */
 #define BLOCK_PERSISTED_MASK (BLOCK_BASE_MASK | BLOCK_REMOTE)
 
@@ -67,6 +76,7 @@ const uint8_t *block_index_states(const struct block_index *bi);
 void block_index_set_base(struct block_index *bi, uint64_t lba, uint8_t base);
 void block_index_set_remote(struct block_index *bi, uint64_t lba, int on);
 void block_index_set_referenced(struct block_index *bi, uint64_t lba, int on);
+void block_index_set_bypassed(struct block_index *bi, uint64_t lba, int on);
 /* Blocks whose base is CLEAN, dirty or not: what the cache file holds. Kept
  * by set_base, so it costs nothing to read. */
 uint64_t block_index_cached_count(const struct block_index *bi);
@@ -85,9 +95,14 @@ typedef int (*block_visit_fn)(void *ctx, uint64_t lba, const struct block_versio
 int block_index_visit_upto(const struct block_index *bi, uint64_t upto, block_visit_fn fn, void *ctx);
 
 /* Forget every version <= upto: each such block takes the base state its newest
- * dropped version implies; blocks left with no versions stop being dirty.
- * Returns how many blocks stopped being dirty. */
-uint64_t block_index_drop_upto(struct block_index *bi, uint64_t upto);
+ * dropped version implies (ABSENT for a BYPASSED data block: the cache file
+ * does not hold it); blocks left with no versions stop being dirty (and
+ * BYPASSED). For each block whose base goes from CLEAN to ABSENT, on_uncached
+ * is called (may be NULL): its cache-file bytes are stale and may be punched
+ * once a state file says ABSENT. Returns how many blocks stopped being dirty,
+ * or -1 if on_uncached failed (the drop is then complete all the same). */
+typedef int (*block_uncached_fn)(void *ctx, uint64_t lba);
+int64_t block_index_drop_upto(struct block_index *bi, uint64_t upto, block_uncached_fn on_uncached, void *ctx);
 
 uint64_t block_index_dirty_count(const struct block_index *bi);
 uint64_t block_index_version_count(const struct block_index *bi);

@@ -10,6 +10,14 @@
  * writers (a checkpoint, an eviction batch) never put an older snapshot over
  * a newer one. A cancelled write-back (volume_cancel_write_back) stops
  * between copies, the blocks still DIRTY and written_back_seq unmoved.
+ *
+ * The sequential cutoff: a write-back given `bypass` > 0 copies no run of
+ * at least that many consecutive data blocks; it marks them BYPASSED instead
+ * (block_index.h). A checkpoint whose caller committed the cut to the store
+ * (`bypass` > 0 again) makes them ABSENT, so a streamed byte reaches the disk
+ * once in the WAL and once in the store, never in the cache file; a read
+ * fetches it back. A checkpoint without that promise copies every BYPASSED
+ * block first, so the cache file again holds what written_back_seq says.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -181,21 +189,28 @@ struct wb_item {
     uint64_t off;
     struct wal_segment *seg;
     uint8_t kind;
+    uint8_t bypass; /* part of a run at or past the cutoff: not copied */
 };
 
 struct wb_list {
     struct wb_item *items;
     size_t n, cap;
     uint64_t done_upto; /* written_back_seq: versions <= this are in the cache file already */
+    const struct block_index *bypassed_only; /* set: collect just the BYPASSED blocks, all of them */
 };
 
 static int collect_wb(void *ctx, uint64_t lba, const struct block_version *ver) {
     struct wb_list *l = ctx;
-    /* The newest version <= cut is also the newest <= done_upto, so an earlier
-     * write-back copied it and, the block being DIRTY since, nothing has
-     * touched that copy. A flush retried while the store is down would
-     * otherwise rewrite everything on every attempt. */
-    if (ver->seq <= l->done_upto) return 0;
+    if (l->bypassed_only) {
+        if (!(block_index_state(l->bypassed_only, lba) & BLOCK_BYPASSED)) return 0;
+    } else if (ver->seq <= l->done_upto) {
+        /* The newest version <= cut is also the newest <= done_upto, so an
+         * earlier write-back copied it (or bypassed it, as its BYPASSED bit
+         * says) and, the block being DIRTY since, nothing has touched that
+         * copy. A flush retried while the store is down would otherwise
+         * rewrite everything on every attempt. */
+        return 0;
+    }
     if (l->n == l->cap) {
         size_t nc = l->cap ? l->cap * 2 : 1024;
         struct wb_item *ni = realloc(l->items, nc * sizeof *ni);
@@ -203,7 +218,7 @@ static int collect_wb(void *ctx, uint64_t lba, const struct block_version *ver) 
         l->items = ni;
         l->cap = nc;
     }
-    l->items[l->n++] = (struct wb_item){lba, ver->off, ver->seg, ver->kind};
+    l->items[l->n++] = (struct wb_item){lba, ver->off, ver->seg, ver->kind, 0};
     return 0;
 }
 
@@ -227,11 +242,16 @@ static int write_back(struct volume *v, struct wb_list *l, struct checkpoint_sta
         if (atomic_load(&v->wb_cancel)) { rc = -ECANCELED; break; }
         struct wb_item *it = &l->items[i];
         uint64_t coff = it->lba * GLIDE_BLOCK_SIZE;
+        if (it->bypass) {
+            st->blocks_bypassed++;
+            continue;
+        }
         if (it->kind == WAL_KIND_DATA) {
             /* Items are sorted by lba: a run of blocks that sit back to back in
              * one segment (a sequential write) is one read and one write. */
             size_t n = 1;
             while (i + n < l->n && n < WB_RUN_BLOCKS && l->items[i + n].kind == WAL_KIND_DATA &&
+                   !l->items[i + n].bypass &&
                    l->items[i + n].lba == it->lba + n && l->items[i + n].seg == it->seg &&
                    l->items[i + n].off == it->off + n * GLIDE_BLOCK_SIZE)
                 n++;
@@ -272,12 +292,35 @@ int sync_installs(struct volume *v, uint64_t seen) {
     return 0;
 }
 
+/* The cutoff over l (sorted by lba): every data block in a run of at least
+ * `bypass` consecutive data blocks is left out of the copy. Then, under
+ * idx_mu, each collected block's BYPASSED bit says whether its newest version
+ * <= the cut is left out: set for these, cleared for the rest (a block
+ * bypassed by an earlier write-back and rewritten since is decided again). */
+static void mark_bypassed(struct volume *v, struct wb_list *l, uint32_t bypass) {
+    if (bypass) {
+        for (size_t i = 0; i < l->n;) {
+            size_t j = i + 1;
+            if (l->items[i].kind == WAL_KIND_DATA)
+                while (j < l->n && l->items[j].kind == WAL_KIND_DATA && l->items[j].lba == l->items[j - 1].lba + 1)
+                    j++;
+            if (l->items[i].kind == WAL_KIND_DATA && j - i >= bypass)
+                for (size_t k = i; k < j; k++) l->items[k].bypass = 1;
+            i = j;
+        }
+    }
+    pthread_mutex_lock(&v->idx_mu);
+    for (size_t i = 0; i < l->n; i++) block_index_set_bypassed(v->bi, l->items[i].lba, l->items[i].bypass);
+    pthread_mutex_unlock(&v->idx_mu);
+}
+
 /* Steps 1 and 2 of a checkpoint: after them the synced cache file holds each
- * block's newest version <= cut. The blocks stay DIRTY (their versions stay in
- * the index), so nothing reads the copies yet, and neither eviction nor an
- * install touches a DIRTY block: the copies stay valid until a checkpoint up
- * to `cut` drops the versions. Caller holds ckpt_mu. */
-static int write_back_upto_locked(struct volume *v, uint64_t cut, struct checkpoint_stats *st) {
+ * block's newest version <= cut, except those BYPASSED. The blocks stay DIRTY
+ * (their versions stay in the index), so nothing reads the copies yet, and
+ * neither eviction nor an install touches a DIRTY block: the copies stay
+ * valid until a checkpoint up to `cut` drops the versions. Caller holds
+ * ckpt_mu. */
+static int write_back_upto_locked(struct volume *v, uint64_t cut, uint32_t bypass, struct checkpoint_stats *st) {
     if (cut <= v->written_back_seq) return 0;
     /* 1. the records being written back must be durable before the cache file
      *    holds anything derived from them */
@@ -293,6 +336,7 @@ static int write_back_upto_locked(struct volume *v, uint64_t cut, struct checkpo
     pthread_mutex_unlock(&v->idx_mu);
     if (!rc) {
         qsort(l.items, l.n, sizeof *l.items, cmp_wb);
+        mark_bypassed(v, &l, bypass);
         rc = write_back(v, &l, st);
     }
     free(l.items);
@@ -305,6 +349,80 @@ static int write_back_upto_locked(struct volume *v, uint64_t cut, struct checkpo
     v->written_back_seq = cut;
     crash_point("checkpoint-after-cache-sync");
     return 0;
+}
+
+/* For a checkpoint whose caller committed nothing to the store: copy every
+ * BYPASSED block's newest version <= written_back_seq (the one its bit is
+ * about) after all, and clear the bits, so the cache file holds what
+ * written_back_seq says and the drop makes those blocks CLEAN. Caller holds
+ * ckpt_mu. */
+static int copy_bypassed_locked(struct volume *v, struct checkpoint_stats *st) {
+    struct wb_list l = {.bypassed_only = v->bi};
+    pthread_mutex_lock(&v->idx_mu);
+    int rc = block_index_visit_upto(v->bi, v->written_back_seq, collect_wb, &l);
+    pthread_mutex_unlock(&v->idx_mu);
+    if (!rc && l.n) {
+        qsort(l.items, l.n, sizeof *l.items, cmp_wb);
+        rc = write_back(v, &l, st);
+        uint64_t installs = atomic_load(&v->installs);
+        if (!rc && fdatasync(v->cache_fd) < 0) rc = -errno;
+        if (!rc) {
+            v->synced_installs = installs;
+            mark_bypassed(v, &l, 0);
+        }
+    }
+    free(l.items);
+    if (rc && rc != -ECANCELED) set_failed(v, -rc);
+    return rc;
+}
+
+struct uncached {
+    uint64_t *lbas;
+    size_t n, cap;
+};
+
+static int note_uncached(void *ctx, uint64_t lba) {
+    struct uncached *u = ctx;
+    if (u->n == u->cap) {
+        size_t nc = u->cap ? u->cap * 2 : 1024;
+        uint64_t *nl = realloc(u->lbas, nc * sizeof *nl);
+        if (!nl) return -1;
+        u->lbas = nl;
+        u->cap = nc;
+    }
+    u->lbas[u->n++] = lba;
+    return 0;
+}
+
+static int cmp_u64(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Punch the cache-file bytes of blocks a checkpoint made ABSENT from CLEAN
+ * (overwritten by a bypassed run), once a durable state file says ABSENT:
+ * the same order as an eviction batch (evict.c), for the same reason. Each
+ * run is re-checked under idx_mu, which an install holds for its pwrite, so
+ * a block installed again since is left alone. Errors are harmless (the
+ * blocks are ABSENT either way) and not reported. Caller holds ckpt_mu. */
+static void punch_uncached(struct volume *v, struct uncached *u) {
+    qsort(u->lbas, u->n, sizeof *u->lbas, cmp_u64);
+    for (size_t i = 0; i < u->n;) {
+        pthread_mutex_lock(&v->idx_mu);
+        if ((block_index_state(v->bi, u->lbas[i]) & BLOCK_BASE_MASK) != BLOCK_ABSENT) {
+            pthread_mutex_unlock(&v->idx_mu);
+            i++;
+            continue;
+        }
+        size_t j = i + 1;
+        while (j < u->n && u->lbas[j] == u->lbas[j - 1] + 1 &&
+               (block_index_state(v->bi, u->lbas[j]) & BLOCK_BASE_MASK) == BLOCK_ABSENT)
+            j++;
+        (void)fallocate(v->cache_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                        (off_t)(u->lbas[i] * GLIDE_BLOCK_SIZE), (off_t)((j - i) * GLIDE_BLOCK_SIZE));
+        pthread_mutex_unlock(&v->idx_mu);
+        i = j;
+    }
 }
 
 /* Takes ckpt_mu and the cut both halves of a checkpoint work up to: the
@@ -327,18 +445,18 @@ static int lock_and_cut(struct volume *v, uint64_t upto, struct checkpoint_stats
     return 0;
 }
 
-int volume_write_back(struct volume *v, uint64_t upto, struct checkpoint_stats *st) {
+int volume_write_back(struct volume *v, uint64_t upto, uint32_t bypass, struct checkpoint_stats *st) {
     memset(st, 0, sizeof *st);
     if (atomic_load(&v->wb_cancel)) return -ECANCELED; /* not even a WAL cut */
     uint64_t cut;
     int rc = lock_and_cut(v, upto, st, &cut);
     if (rc) return rc;
-    if (cut > v->checkpoint_seq) rc = write_back_upto_locked(v, cut, st);
+    if (cut > v->checkpoint_seq) rc = write_back_upto_locked(v, cut, bypass, st);
     pthread_mutex_unlock(&v->ckpt_mu);
     return rc;
 }
 
-int volume_checkpoint(struct volume *v, uint64_t upto, struct checkpoint_stats *st) {
+int volume_checkpoint(struct volume *v, uint64_t upto, uint32_t bypass, struct checkpoint_stats *st) {
     uint64_t cut;
     int rc = lock_and_cut(v, upto, st, &cut);
     if (rc) return rc;
@@ -356,31 +474,45 @@ int volume_checkpoint(struct volume *v, uint64_t upto, struct checkpoint_stats *
     }
     crash_point("checkpoint-after-cut");
 
-    /* 1-2. unless volume_write_back already did it up to this cut */
-    rc = write_back_upto_locked(v, cut, st);
+    /* 1-2. unless volume_write_back already did it up to this cut; with no
+     *      commit behind this checkpoint, blocks an earlier write-back
+     *      bypassed are copied now */
+    rc = write_back_upto_locked(v, cut, bypass, st);
+    if (!rc && !bypass) rc = copy_bypassed_locked(v, st);
     if (rc) goto out;
 
-    /* 3. forget versions <= cut and snapshot the base states as of cut */
+    /* 3. forget versions <= cut and snapshot the base states as of cut.
+     *    Exclusive evict_rw: a block going from CLEAN to ABSENT here has its
+     *    bytes punched below, so no read may still be between planning
+     *    "cache file" and its pread (as in an eviction batch). */
     uint64_t installs;
     struct state_image img;
+    struct uncached unc = {0};
+    if (bypass) pthread_rwlock_wrlock(&v->evict_rw); /* without: copy_bypassed_locked cleared every bit */
     pthread_mutex_lock(&v->idx_mu);
+    if (bypass) pthread_rwlock_unlock(&v->evict_rw); /* drained; later reads plan under idx_mu, after the drop */
     uint64_t before = block_index_version_count(v->bi);
-    block_index_drop_upto(v->bi, cut);
+    int dropped_ok = block_index_drop_upto(v->bi, cut, note_uncached, &unc) >= 0;
     atomic_fetch_sub(&v->nversions, before - block_index_version_count(v->bi));
     rc = encode_state(v, &img);
     installs = atomic_load(&v->installs);
     if (!rc) v->remote_changed = 0;
     pthread_mutex_unlock(&v->idx_mu);
     /* Dropped versions with no state file written are harmless: the blocks'
-     * data is in the synced cache file and the WAL still holds them all. */
-    if (rc) goto out;
+     * data is in the synced cache file or (BYPASSED) the store, and the WAL
+     * still holds them all. A punch list that ran out of memory only leaves
+     * stale bytes under ABSENT blocks, which nothing reads. */
+    (void)dropped_ok;
+    if (rc) { free(unc.lbas); goto out; }
 
     /* 4. persist, then the WAL up to cut is no longer needed */
     rc = sync_installs(v, installs);
     if (!rc) rc = write_state_file(v, &img, cut, &st->state_bytes);
     else free(img.buf);
-    if (rc) { set_failed(v, -rc); goto out; }
+    if (rc) { set_failed(v, -rc); free(unc.lbas); goto out; }
     crash_point("checkpoint-after-state");
+    if (unc.n) punch_uncached(v, &unc);
+    free(unc.lbas);
     v->checkpoint_seq = cut;
     wal_retire_upto(&v->wal, cut);
     crash_point("checkpoint-after-retire");

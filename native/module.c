@@ -199,33 +199,47 @@ static PyObject *Volume_flush(VolumeObject *self, PyObject *Py_UNUSED(ignored)) 
     Py_RETURN_NONE;
 }
 
-static PyObject *Volume_checkpoint(VolumeObject *self, PyObject *args) {
-    unsigned long long upto = UINT64_MAX;
-    if (!PyArg_ParseTuple(args, "|K", &upto) || check_open(self)) return NULL;
+/* A bypass of 2^32 blocks or more is no cutoff at all: copy everything. */
+static int parse_ckpt_args(PyObject *args, PyObject *kw, unsigned long long *upto, uint32_t *bypass) {
+    static char *kwlist[] = {"upto", "bypass", NULL};
+    unsigned long long b = 0;
+    *upto = UINT64_MAX;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|KK", kwlist, upto, &b)) return -1;
+    *bypass = b > UINT32_MAX ? 0 : (uint32_t)b;
+    return 0;
+}
+
+static PyObject *Volume_checkpoint(VolumeObject *self, PyObject *args, PyObject *kw) {
+    unsigned long long upto;
+    uint32_t bypass;
+    if (parse_ckpt_args(args, kw, &upto, &bypass) || check_open(self)) return NULL;
     struct checkpoint_stats st;
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = volume_checkpoint(self->v, upto, &st);
+    rc = volume_checkpoint(self->v, upto, bypass, &st);
     Py_END_ALLOW_THREADS
     if (rc == -ECANCELED) return PyErr_Format(PyExc_InterruptedError, "checkpoint: write-back cancelled");
     if (rc) return raise_errno(rc, "checkpoint");
-    return Py_BuildValue("{s:K,s:K,s:K,s:K}", "cut_seq", (unsigned long long)st.cut_seq, "blocks_written",
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K}", "cut_seq", (unsigned long long)st.cut_seq, "blocks_written",
                          (unsigned long long)st.blocks_written, "blocks_zeroed", (unsigned long long)st.blocks_zeroed,
+                         "blocks_bypassed", (unsigned long long)st.blocks_bypassed,
                          "state_bytes", (unsigned long long)st.state_bytes);
 }
 
-static PyObject *Volume_write_back(VolumeObject *self, PyObject *args) {
-    unsigned long long upto = UINT64_MAX;
-    if (!PyArg_ParseTuple(args, "|K", &upto) || check_open(self)) return NULL;
+static PyObject *Volume_write_back(VolumeObject *self, PyObject *args, PyObject *kw) {
+    unsigned long long upto;
+    uint32_t bypass;
+    if (parse_ckpt_args(args, kw, &upto, &bypass) || check_open(self)) return NULL;
     struct checkpoint_stats st;
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = volume_write_back(self->v, upto, &st);
+    rc = volume_write_back(self->v, upto, bypass, &st);
     Py_END_ALLOW_THREADS
     if (rc == -ECANCELED) return PyErr_Format(PyExc_InterruptedError, "write_back cancelled (cancel_write_back)");
     if (rc) return raise_errno(rc, "write_back");
-    return Py_BuildValue("{s:K,s:K,s:K}", "cut_seq", (unsigned long long)st.cut_seq, "blocks_written",
-                         (unsigned long long)st.blocks_written, "blocks_zeroed", (unsigned long long)st.blocks_zeroed);
+    return Py_BuildValue("{s:K,s:K,s:K,s:K}", "cut_seq", (unsigned long long)st.cut_seq, "blocks_written",
+                         (unsigned long long)st.blocks_written, "blocks_zeroed", (unsigned long long)st.blocks_zeroed,
+                         "blocks_bypassed", (unsigned long long)st.blocks_bypassed);
 }
 
 static PyObject *Volume_read_block_as_of(VolumeObject *self, PyObject *args) {
@@ -709,9 +723,12 @@ static PyMethodDef Volume_methods[] = {
     {"write_zeroes", (PyCFunction)(void (*)(void))Volume_write_zeroes, METH_VARARGS | METH_KEYWORDS,
      "write_zeroes(offset, length, no_hole=False, fua=False)"},
     {"flush", (PyCFunction)Volume_flush, METH_NOARGS, "Make every acknowledged write durable (group commit)."},
-    {"checkpoint", (PyCFunction)Volume_checkpoint, METH_VARARGS, "checkpoint(upto=all) -> stats dict"},
-    {"write_back", (PyCFunction)Volume_write_back, METH_VARARGS,
-     "write_back(upto=all) -> stats dict: a checkpoint's copy into the cache file, no state change"},
+    {"checkpoint", (PyCFunction)(void (*)(void))Volume_checkpoint, METH_VARARGS | METH_KEYWORDS,
+     "checkpoint(upto=all, bypass=0) -> stats dict; bypass > 0: the cut is committed to the store, "
+     "bypassed blocks become ABSENT"},
+    {"write_back", (PyCFunction)(void (*)(void))Volume_write_back, METH_VARARGS | METH_KEYWORDS,
+     "write_back(upto=all, bypass=0) -> stats dict: a checkpoint's copy into the cache file, no state "
+     "change; runs of >= bypass data blocks are not copied"},
     {"read_block_as_of", (PyCFunction)Volume_read_block_as_of, METH_VARARGS, "read_block_as_of(lba, seq) -> bytes"},
     {"block_status", (PyCFunction)Volume_block_status, METH_VARARGS, "block_status(offset, length) -> [(len, flags)]"},
     {"last_seq", (PyCFunction)Volume_last_seq, METH_NOARGS, "Sequence number of the newest WAL record."},

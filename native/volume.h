@@ -130,7 +130,7 @@ struct volume {
 };
 
 struct checkpoint_stats {
-    uint64_t cut_seq, blocks_written, blocks_zeroed, state_bytes;
+    uint64_t cut_seq, blocks_written, blocks_zeroed, blocks_bypassed, state_bytes;
 };
 
 /* A size larger than the state file's is a grow (the blocks added are
@@ -191,13 +191,19 @@ int volume_block_status(struct volume *v, uint64_t off, uint64_t len, extent_fn 
 
 /* Write back every version <= upto (UINT64_MAX: everything so far) into the
  * cache file, persist the state file, delete the WAL segments it covered. */
-int volume_checkpoint(struct volume *v, uint64_t upto, struct checkpoint_stats *st);
+/* bypass > 0: the caller committed every block's newest version <= the cut
+ * to the store, so blocks a write-back left out of the cache file (runs of at
+ * least `bypass` data blocks, this call's own write-back included) become
+ * ABSENT. bypass == 0: no such promise; those blocks are copied first. */
+int volume_checkpoint(struct volume *v, uint64_t upto, uint32_t bypass, struct checkpoint_stats *st);
 /* The first half of a checkpoint on its own: copy each block's newest version
  * <= upto into the cache file and sync it, changing no state. A checkpoint
  * up to the same point then skips straight to dropping versions and writing
  * the state file, so the flusher can overlap the copy with building packs
- * and still checkpoint only after its commit. */
-int volume_write_back(struct volume *v, uint64_t upto, struct checkpoint_stats *st);
+ * and still checkpoint only after its commit. bypass > 0: runs of at least
+ * that many consecutive data blocks are not copied but marked BYPASSED
+ * (block_index.h); the caller means to commit the cut before checkpointing. */
+int volume_write_back(struct volume *v, uint64_t upto, uint32_t bypass, struct checkpoint_stats *st);
 
 uint64_t volume_charge(struct volume *v); /* current WAL + index charge */
 

@@ -24,6 +24,7 @@ from glide.config import (
     ensure_default_volume,
     load_file,
     parse_duration,
+    parse_nice,
     parse_size,
     parse_store_url,
     parse_volume_spec,
@@ -78,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--wal-segment-size", help="WAL segment size (default 64MiB)")
     s.add_argument("--flush-interval", help="flush dirty volumes to the store this often (5s)")
     s.add_argument("--cache-size", help="cache-file bytes per volume before eviction (no limit)")
+    s.add_argument("--sequential-cutoff", metavar="SIZE",
+                   help="contiguous dirty runs this long skip the cache file, the store keeps "
+                        "them (4M; 0: cache everything)")
+    s.add_argument("--sync-nice", metavar="N",
+                   help="nice value of sync's pack-build, upload and write-back threads "
+                        "(10; 0: same as the I/O threads)")
     s.add_argument("--api-listen", metavar="HOST:PORT",
                    help="also serve the admin API on TCP (needs --api-token-file)")
     s.add_argument("--api-token-file", type=Path,
@@ -152,6 +159,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
         cfg.flush_interval = parse_duration(args.flush_interval, "--flush-interval")
     if args.cache_size:
         cfg.cache_size = parse_size(args.cache_size, "--cache-size") or None
+    if args.sequential_cutoff is not None:
+        cfg.sequential_cutoff = parse_size(args.sequential_cutoff, "--sequential-cutoff")
+    if args.sync_nice is not None:
+        cfg.sync_nice = parse_nice(args.sync_nice, "--sync-nice")
     if args.api_listen:
         cfg.api.listen = None if args.api_listen == "none" else args.api_listen
     if args.api_token_file:

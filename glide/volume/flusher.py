@@ -7,7 +7,11 @@ Owns one flush cycle of one volume (architecture.md §4):
     store now holds -> checkpoint(S) (blocks CLEAN, WAL up to S deleted)
 
     alongside the packs: write_back(S), the checkpoint's copy of the blocks
-    into the cache file, which changes no state until checkpoint(S)
+    into the cache file, which changes no state until checkpoint(S); runs
+    of at least `sequential_cutoff` contiguous data blocks are not copied,
+    and checkpoint(S) after the commit makes them ABSENT (the store holds
+    them, a read fetches them back): a stream costs the disk the WAL and the
+    store's copy, not a third one in the cache file
 
 Invariants:
   - every committed manifest version is the volume's state at one cut: the
@@ -182,8 +186,16 @@ class Flusher:
         pack_target: int = DEFAULT_PACK_TARGET,
         upload_workers: int = 4,
         commit_deadline: float = DEFAULT_COMMIT_DEADLINE,
+        sequential_cutoff: int = 0,
+        nice: int = 0,
     ) -> None:
         self.volume = volume
+        # In blocks (rounded up); 0: every block is copied into the cache file.
+        self.bypass_blocks = -(-sequential_cutoff // BLOCK_SIZE)
+        # The nice value of the cycle's worker threads (pack build and
+        # compression, uploads, write-back): a sync must not take the CPU
+        # from the threads serving guests' I/O, which it only trails.
+        self.nice = nice
         self.manifest = manifest
         self.store = store
         self.pack_target = pack_target
@@ -203,6 +215,15 @@ class Flusher:
         # pause is asked for.
         self.cancel = SyncCancel(manifest.volume, lambda: self.volume.cancel_write_back(),
                                  lambda: self.volume.allow_write_back())
+
+    def _lower_priority(self) -> None:
+        """A worker thread's initializer: raise this thread's nice value (per
+        thread on Linux, and inherited by threads it creates). Only ever
+        lowers the priority, which needs no privilege."""
+        if self.nice > 0:
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid),
+                                                     self.nice))
 
     def flush_once(self, cut: int | None = None) -> FlushStats | None:
         """One cycle through `cut` (default: a new cut now, everything
@@ -230,8 +251,9 @@ class Flusher:
         # It writes the cache file, so even a cancelled cycle waits for it to
         # end (the cancel interrupts it: InterruptedError).
         interrupted = False
-        with ThreadPoolExecutor(1, thread_name_prefix="write-back") as pool:
-            copied = pool.submit(vol.write_back, cut)
+        with ThreadPoolExecutor(1, thread_name_prefix="write-back",
+                                initializer=self._lower_priority) as pool:
+            copied = pool.submit(vol.write_back, cut, self.bypass_blocks)
             stats = self._commit(dirty, cut, cut, t0)
             try:
                 copied.result()
@@ -242,7 +264,9 @@ class Flusher:
         # cycle's packs (content-addressed) cover them again cheaply.
         if not interrupted and not self.cancel.is_set():
             try:
-                vol.checkpoint(cut)
+                # The commit holds every block's version as of the cut, so
+                # those the write-back bypassed need no local copy.
+                vol.checkpoint(cut, self.bypass_blocks)
                 return stats
             except InterruptedError:
                 if not self.cancel.is_set():
@@ -316,8 +340,11 @@ class Flusher:
         # Three stages overlap: the C builder (its own threads, no GIL) makes
         # pack N+1 while this thread records pack N's locations and the
         # upload pool writes the packs before it.
-        pool = ThreadPoolExecutor(self.upload_workers, thread_name_prefix="pack-upload")
-        with ThreadPoolExecutor(1, thread_name_prefix="pack-build") as builder:
+        pool = ThreadPoolExecutor(self.upload_workers, thread_name_prefix="pack-upload",
+                                  initializer=self._lower_priority)
+        # The C builder's threads are created by this one and inherit its nice.
+        with ThreadPoolExecutor(1, thread_name_prefix="pack-build",
+                                initializer=self._lower_priority) as builder:
             uploads: deque[Future[str]] = deque()
             building = builder.submit(build, chunks[0]) if chunks else None
             try:

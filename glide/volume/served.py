@@ -164,14 +164,16 @@ class ServedVolume:
 
     def __init__(self, name: str, vol: _native.Volume, manifest: Manifest,
                  store: ObjectStore, cache_blocks: int | None,
-                 commit_deadline: float = DEFAULT_COMMIT_DEADLINE) -> None:
+                 commit_deadline: float = DEFAULT_COMMIT_DEADLINE,
+                 sequential_cutoff: int = 0, sync_nice: int = 0) -> None:
         self.name = name
         self.vol = vol
         self.manifest = manifest
         self.served: ServedVolume  # set by activate
         self.store = store
         self.cache_blocks = cache_blocks
-        self.flusher = Flusher(vol, manifest, store, commit_deadline=commit_deadline)
+        self.flusher = Flusher(vol, manifest, store, commit_deadline=commit_deadline,
+                               sequential_cutoff=sequential_cutoff, nice=sync_nice)
         self.fetcher = Fetcher(vol, manifest, store)
         self.fenced: str | None = None  # why this daemon may no longer write the volume
         self.needs_adopt = False  # blocks from before the volume had a store
@@ -225,7 +227,7 @@ class ServedVolume:
             raise
         sv = cls(vc.name, vol, manifest, store,
                  None if cfg.cache_size is None else cached_block_budget(cfg.cache_size),
-                 cfg.store.commit_deadline)
+                 cfg.store.commit_deadline, cfg.sequential_cutoff, cfg.sync_nice)
         sv.needs_adopt = cold is None and local_only > 0
         sv.fetcher.start()
         return sv
@@ -511,7 +513,7 @@ class WarmVolume:
         cfg = self.cfg
         sv = ServedVolume(self.vc.name, self.vol, manifest, self.store,
                           None if cfg.cache_size is None else cached_block_budget(cfg.cache_size),
-                          cfg.store.commit_deadline)
+                          cfg.store.commit_deadline, cfg.sequential_cutoff, cfg.sync_nice)
         sv.needs_adopt = len(self.vol.local_only_blocks()) > 0
         if raised_budget is not None:
             self.vol.set_wal_budget(raised_budget)

@@ -437,3 +437,153 @@ def test_gc_after_a_grow_loses_nothing(local: LocalDirStore, tmp_path: Path) -> 
     fresh = Manifest.open(local, "vol0")
     assert report.reachable == len(reachable_keys(local, fresh.root))
     assert cold_image(local, fresh, tmp_path / "b")[0] == want
+
+
+# ---- the sequential cutoff: long runs skip the cache file ----
+
+def fetched_image(v: _native.Volume, manifest: Manifest, store: ObjectStore) -> bytes:
+    """The volume read whole, with a fetcher serving its misses."""
+    fetcher = Fetcher(v, manifest, store)
+    fetcher.start()
+    try:
+        return image(v)
+    finally:
+        fetcher.stop()
+
+
+def allocated(v_dir: Path) -> int:
+    """Bytes the cache file really occupies (holes are free)."""
+    return os.stat(v_dir / "cache").st_blocks * 512
+
+
+def test_sequential_cutoff_leaves_long_runs_to_the_store(store: ObjectStore,
+                                                         writer_manifest: Manifest,
+                                                         tmp_path: Path) -> None:
+    """A run at or past the cutoff is committed but never copied into the
+    cache file: after the checkpoint it is ABSENT, and a read fetches it
+    back from the store. Short runs are cached as before."""
+    v = new_volume(tmp_path / "a")
+    v.write(0, os.urandom(2 * MiB))  # 512 blocks: a stream
+    scattered = list(range(1024, NBLOCKS, 9))
+    for lba in scattered:
+        v.write(lba * BS, os.urandom(BS))
+    v.write(600 * BS, bytes(BS * 300))  # a long run of written zeros: never stored either
+    want = image(v)
+    f = Flusher(v, writer_manifest, store, sequential_cutoff=256 * BS)
+    stats = f.flush_once()
+    assert stats is not None and stats.stored == 512 + len(scattered)
+    assert v.stats()["dirty_blocks"] == 0
+    assert v.stats()["cached_blocks"] == len(scattered)  # only the short runs
+    assert allocated(tmp_path / "a") <= (len(scattered) + 64) * BS
+    assert v.local_only_blocks() == []
+    assert fetched_image(v, writer_manifest, store) == want
+    # the run came back from the store; the zeros needed no fetch
+    assert 512 <= v.stats()["installs"] < 600
+    v.close()
+    # and after a restart (the state file says ABSENT, REMOTE)
+    v = new_volume(tmp_path / "a")
+    assert fetched_image(v, writer_manifest, store) == want
+    v.close()
+
+
+def test_a_bypassed_overwrite_punches_the_cached_copy(store: ObjectStore,
+                                                      writer_manifest: Manifest,
+                                                      tmp_path: Path) -> None:
+    """Blocks the cache file held, overwritten by a stream: their old bytes
+    are punched once the state file says ABSENT, so the cache file does not
+    keep a copy nothing reads."""
+    v = new_volume(tmp_path / "a")
+    v.write(0, os.urandom(4 * MiB))
+    Flusher(v, writer_manifest, store).flush_once()  # no cutoff: all cached
+    assert v.stats()["cached_blocks"] == 1024
+    assert allocated(tmp_path / "a") >= 4 * MiB
+    v.write(0, os.urandom(4 * MiB))
+    want = image(v)
+    Flusher(v, writer_manifest, store, sequential_cutoff=MiB).flush_once()
+    assert v.stats()["cached_blocks"] == 0
+    assert allocated(tmp_path / "a") < MiB
+    assert fetched_image(v, writer_manifest, store) == want
+    v.close()
+
+
+def test_a_checkpoint_without_a_commit_copies_bypassed_blocks(tmp_path: Path) -> None:
+    """write_back may leave a run out only because a commit is to follow;
+    a checkpoint that promises none (bypass=0) copies the run first, so no
+    block is ever ABSENT without the store holding it. No store and no
+    fetcher here: an ABSENT block would read as zeros."""
+    v = new_volume(tmp_path / "a")
+    v.write(0, os.urandom(2 * MiB))
+    first = image(v)
+    wb = v.write_back(bypass=256)
+    assert wb["blocks_bypassed"] == 512 and wb["blocks_written"] == 0
+    v.write(4 * BS, os.urandom(BS))  # rewritten after the write-back: decided again
+    want = image(v)
+    assert want != first
+    ck = v.checkpoint()
+    assert ck["blocks_written"] >= 511
+    assert v.stats()["dirty_blocks"] == 0 and v.stats()["cached_blocks"] == 512
+    assert image(v) == want
+    v.close()
+    v = new_volume(tmp_path / "a")
+    assert image(v) == want
+    v.close()
+
+
+def test_a_failed_commit_keeps_bypassed_blocks_in_the_wal(store: ObjectStore,
+                                                          writer_manifest: Manifest,
+                                                          tmp_path: Path) -> None:
+    """The write-back bypasses the run before the commit; the commit fails,
+    so nothing may become ABSENT. The next cycle (a later cut that skips the
+    already-decided blocks) commits and only then drops them."""
+    v = new_volume(tmp_path / "a")
+    v.write(0, os.urandom(2 * MiB))
+    # put 0 is the pack, put 1 the first manifest node: the commit fails
+    faulty = FaultyStore(store, FaultPlan(schedule={("put", 1): Fault(FaultKind.ERROR)}))
+    f = Flusher(v, writer_manifest, faulty, sequential_cutoff=MiB)
+    with pytest.raises(StoreUnavailable):
+        f.flush_once()
+    assert v.stats()["dirty_blocks"] == 512
+    v.write(2 * MiB, os.urandom(MiB))  # the run grows after the failed cycle
+    want = image(v)
+    assert image(v) == want  # still served from the WAL
+    f.store = store
+    stats = f.flush_once()
+    assert stats is not None and stats.stored == 768
+    assert v.stats()["dirty_blocks"] == 0 and v.stats()["cached_blocks"] == 0
+    assert fetched_image(v, writer_manifest, store) == want
+    v.close()
+
+
+def test_sync_threads_run_at_the_configured_nice(local: LocalDirStore, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pack build (whose C threads inherit the calling thread's nice) and
+    the uploads run below the I/O threads' priority; the caller's own thread
+    is left alone."""
+    seen: dict[str, set[int]] = {"build": set(), "put": set()}
+
+    def nice_now() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    real_build = flusher_module.build_pack
+
+    def build(*args, **kwargs):  # noqa: ANN202
+        seen["build"].add(nice_now())
+        return real_build(*args, **kwargs)
+
+    class Recording(LocalDirStore):
+        def put(self, key, data, **kwargs):  # noqa: ANN201
+            if key.startswith("packs/"):
+                seen["put"].add(nice_now())
+            return super().put(key, data, **kwargs)
+
+    monkeypatch.setattr(flusher_module, "build_pack", build)
+    store = Recording(local.root)
+    manifest = Manifest.create(store, "vol0", SIZE, writer="test-writer-1")
+    v = new_volume(tmp_path / "a")
+    v.write(0, os.urandom(SIZE))
+    before = nice_now()
+    f = Flusher(v, manifest, store, pack_target=MiB, nice=before + 7)
+    assert f.flush_once() is not None
+    assert seen == {"build": {before + 7}, "put": {before + 7}}
+    assert nice_now() == before
+    v.close()

@@ -248,3 +248,31 @@ def test_example_replication_job_parses_when_uncommented(tmp_path: Path) -> None
     assert job.credentials() == ("a", "b")
     assert [r.describe() for r in job.keep_source or []] == ["not_replicated",
                                                               "last_n 48 ^hourly-"]
+
+
+def test_sequential_cutoff_from_file_and_flag(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text('[cache]\nsequential_cutoff = "16M"\n')
+    assert load_file(f).sequential_cutoff == 16 << 20
+    f.write_text('[cache]\nsequential_cutoff = "lots"\n')
+    with pytest.raises(ConfigError, match="cache.sequential_cutoff"):
+        load_file(f)
+    args = build_parser().parse_args(["serve", "--data-dir", str(tmp_path)])
+    assert config_from_args(args).sequential_cutoff == 4 << 20  # the default
+    args = build_parser().parse_args(["serve", "--data-dir", str(tmp_path),
+                                      "--sequential-cutoff", "0"])
+    assert config_from_args(args).sequential_cutoff == 0  # cache everything
+
+
+def test_sync_nice_from_file_and_flag(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text("[cache]\nsync_nice = 5\n")
+    assert load_file(f).sync_nice == 5
+    for bad in ("20", "-1", "true", '"high"'):
+        f.write_text(f"[cache]\nsync_nice = {bad}\n")
+        with pytest.raises(ConfigError, match="cache.sync_nice"):
+            load_file(f)
+    args = build_parser().parse_args(["serve", "--data-dir", str(tmp_path)])
+    assert config_from_args(args).sync_nice == 10  # the default
+    args = build_parser().parse_args(["serve", "--data-dir", str(tmp_path), "--sync-nice", "0"])
+    assert config_from_args(args).sync_nice == 0
